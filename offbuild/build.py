@@ -1,0 +1,250 @@
+"""The scheduler: decides each job when its inputs are final, runs what must run, records it."""
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from .executor import LocalExecutor, RecipeResult
+from .graph import BuildGraph
+from .hashing import FileHasher
+from .planner import Action, Decision, Planner, job_options
+from .reporter import Reporter
+from .state import StateStore, Success
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one job in this build."""
+
+    name: str
+    action: str  # ran | skipped | failed | interrupted | blocked
+    decision: Decision | None = None
+    result: RecipeResult | None = None
+    error: str = ""
+
+    def as_record(self) -> dict:
+        entry: dict = {"stage": self.name, "action": self.action}
+        if self.decision is not None:
+            entry["reasons"] = [why.as_dict() for why in self.decision.reasons]
+            entry["key"] = self.decision.key
+        if self.result is not None:
+            entry["attempts"] = [{"attempt": a.number, "exit_code": a.exit_code, "duration": round(a.duration, 4),
+                                  **({"timed_out": True} if a.timed_out else {})} for a in self.result.attempts]
+            entry["duration"] = round(self.result.duration, 4)
+            entry["exit_code"] = self.result.exit_code
+            entry["log"] = self.result.log_path
+        if self.error:
+            entry["error"] = self.error
+        return entry
+
+
+@dataclass(slots=True)
+class BuildResult:
+    status: str  # ok | failed | interrupted
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        tally = Counter(outcome.action for outcome in self.outcomes.values())
+        return {"total": len(self.outcomes), "ran": tally["ran"], "skipped": tally["skipped"],
+                "failed": tally["failed"] + tally["interrupted"], "resumed": 0, "restored": 0,
+                "blocked": tally["blocked"]}
+
+
+class Builder:
+    """Runs the jobs of `order` (already in dependency order) with at most `jobs` at once."""
+
+    def __init__(self, graph: BuildGraph, order: list[str], store: StateStore, hasher: FileHasher,
+                 planner: Planner, executor: LocalExecutor, reporter: Reporter, *, jobs: int,
+                 keep_going: bool, run_id: str):
+        self.graph = graph
+        self.order = order
+        self.store = store
+        self.hasher = hasher
+        self.planner = planner
+        self.executor = executor
+        self.reporter = reporter
+        self.max_jobs = max(1, jobs)
+        self.keep_going = keep_going
+        self.run_id = run_id
+        self.result = BuildResult("ok", {name: Outcome(name, "blocked") for name in order})
+        self._finished: set[str] = set()
+
+    def run(self) -> BuildResult:
+        """Build everything in `order`; Ctrl-C stops running recipes and returns 'interrupted'."""
+        needed = set(self.order)
+        dag = self.graph.dag
+        waiting = {name: sum(1 for dep in dag.predecessors(name) if dep in needed) for name in self.order}
+        ready = [name for name in self.order if waiting[name] == 0]
+        running: dict[Future, tuple[str, Decision]] = {}
+        pools: Counter = Counter()
+        stop = False
+        pool = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="recipe")
+        try:
+            while ready or running:
+                index = 0
+                while not stop and index < len(ready) and len(running) < self.max_jobs:
+                    name = ready[index]
+                    job = self.graph.jobs[name]
+                    limit = self.graph.pipeline.pools.get(job.stage.pool) if job.stage.pool else None
+                    if limit is not None and pools[job.stage.pool] >= limit:
+                        index += 1
+                        continue
+                    ready.pop(index)
+                    decision = self.planner.decide(job)
+                    if decision.action is Action.SKIP:
+                        self._finish(Outcome(name, "skipped", decision), ready, waiting)
+                        continue
+                    missing = [why.path for why in decision.reasons if why.reason.name == "INPUT_MISSING"]
+                    if missing:
+                        self._fail(Outcome(name, "failed", decision, error=f"input '{missing[0]}' is missing"))
+                        stop = not self.keep_going
+                        continue
+                    self._prepare_outputs(job)
+                    self.reporter.job_started(name, job.recipe)
+                    if job.stage.pool:
+                        pools[job.stage.pool] += 1
+                    running[pool.submit(self.executor.run, job)] = (name, decision)
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name, decision = running.pop(future)
+                    job = self.graph.jobs[name]
+                    if job.stage.pool:
+                        pools[job.stage.pool] -= 1
+                    if not self._complete(name, decision, future.result(), ready, waiting):
+                        stop = stop or not self.keep_going
+        except KeyboardInterrupt:
+            self.result.status = "interrupted"
+            self.executor.interrupt()
+            for future, (name, decision) in running.items():
+                result = future.result()
+                result.interrupted = True
+                self._fail(Outcome(name, "interrupted", decision, result))
+        finally:
+            pool.shutdown(wait=True)
+            self._save_run_state()
+        if self.result.status == "ok" and any(o.action in ("failed", "blocked") for o in self.result.outcomes.values()):
+            self.result.status = "failed"
+        return self.result
+
+    def _prepare_outputs(self, job) -> None:
+        """Parents exist; old outputs are removed so a recipe that writes nothing is caught."""
+        for path in job.outputs:
+            self.hasher.forget(path)
+            if not job.stage.checkpoint:
+                _remove(path)
+            parent = os.path.dirname(path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+
+    def _complete(self, name: str, decision: Decision, result: RecipeResult, ready, waiting) -> bool:
+        job = self.graph.jobs[name]
+        if not result.ok:
+            detail = f"exit code {result.exit_code}"
+            if result.attempts and result.attempts[-1].timed_out:
+                detail = f"timed out after {job.stage.timeout:g}s"
+            self._fail(Outcome(name, "failed", decision, result, error=detail))
+            return False
+        outputs = {}
+        for path in job.outputs:
+            digest = self.hasher.digest(path)
+            if digest is None:
+                self._fail(Outcome(name, "failed", decision, result,
+                                   error=f"the recipe did not write its declared output '{path}'"))
+                return False
+            outputs[path] = digest
+        success = Success(decision.key, job.recipe, decision.inputs, outputs, decision.env, job_options(job),
+                          result.duration, self.run_id)
+        self.store.record_success(name, success, self.hasher.take_fresh())
+        self._finish(Outcome(name, "ran", decision, result), ready, waiting)
+        return True
+
+    def _finish(self, outcome: Outcome, ready: list[str], waiting: dict[str, int]) -> None:
+        self.result.outcomes[outcome.name] = outcome
+        self._finished.add(outcome.name)
+        duration = outcome.result.duration if outcome.result else 0.0
+        output = outcome.result.output() if outcome.result else ""
+        self.reporter.job_finished(outcome.name, outcome.action, duration, output)
+        for dependent in self.graph.dag.successors(outcome.name):
+            if dependent in waiting:
+                waiting[dependent] -= 1
+                if waiting[dependent] == 0:
+                    ready.append(dependent)
+
+    def _fail(self, outcome: Outcome) -> None:
+        """A failed job never counts as done: its outputs go (checkpoint stages keep them)."""
+        job = self.graph.jobs[outcome.name]
+        self.result.outcomes[outcome.name] = outcome
+        if not job.stage.checkpoint:
+            for path in job.outputs:
+                _remove(path)
+                self.hasher.forget(path)
+        self.store.record_failure(outcome.name, self.run_id)
+        result = outcome.result
+        log = f"log: {result.log_path}" if result else ""
+        detail = "; ".join(part for part in (outcome.error, log) if part)
+        self.reporter.job_finished(outcome.name, outcome.action, result.duration if result else 0.0,
+                                   result.output() if result else "", detail)
+
+    def _save_run_state(self) -> None:
+        self.store.save_stat_entries(self.hasher.take_fresh())
+        decisions = [(o.name, o.action, [why.as_dict() for why in o.decision.reasons])
+                     for o in self.result.outcomes.values() if o.decision is not None]
+        self.store.record_decisions(self.run_id, decisions)
+
+
+def dry_run(graph: BuildGraph, order: list[str], planner: Planner) -> list[Decision]:
+    """What a build would do, without running or writing anything; downstream of a job that
+    would run is reported as 'upstream will rerun' (early cutoff may still skip it)."""
+    pending: dict[str, str] = {}
+    decisions = []
+    for name in order:
+        job = graph.jobs[name]
+        decision = planner.decide(job, pending)
+        if decision.action is Action.RUN:
+            for path in job.outputs:
+                pending[path] = name
+        decisions.append(decision)
+    return decisions
+
+
+def remove_stale_outputs(graph: BuildGraph, records, hasher: FileHasher, store: StateStore, reporter) -> None:
+    """Outputs recorded for jobs that no longer exist (or no longer declare them) are deleted while
+    their content is still what offbuild wrote; hand-edited ones are kept. Vanished jobs are forgotten."""
+    for name, record in records.items():
+        for path, digest in record.outputs.items():
+            if path in graph.producer:
+                continue
+            if hasher.digest(path) == digest:
+                _remove(path)
+                hasher.forget(path)
+                reporter.message(f"offbuild: removed stale output {path} (its job '{name}' no longer makes it)")
+    vanished = [name for name in records if name not in graph.jobs]
+    if vanished:
+        store.forget_jobs(vanished)
+        for name in vanished:
+            records.pop(name)
+
+
+def is_stale_output(records, hasher: FileHasher):
+    """A predicate for graph building: is this file an unchanged output recorded by offbuild?"""
+    recorded = {path: digest for record in records.values() for path, digest in record.outputs.items()}
+
+    def is_stale(path: str) -> bool:
+        return path in recorded and hasher.digest(path) == recorded[path]
+
+    return is_stale
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

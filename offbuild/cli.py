@@ -1,0 +1,99 @@
+"""The command line: argparse → load → build / dry run / list / graph / clean / explain / watch."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+
+from . import __version__
+from .errors import OffbuildError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_OVERRIDE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)\Z", re.S)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offbuild", usage="offbuild [options] [TARGET...] [NAME=VALUE...]",
+        description="Bring the outputs of a Pipefile up to date, deciding by content, offline.",
+        epilog="Exit codes: 0 up to date, 1 a stage failed, 2 usage or Pipefile error, 130 interrupted.")
+    parser.add_argument("items", nargs="*", metavar="TARGET | NAME=VALUE",
+                        help="stage names, job names or output paths to build; NAME=VALUE overrides a variable")
+    parser.add_argument("-f", dest="file", default="Pipefile", metavar="FILE",
+                        help="the pipeline file (default ./Pipefile; *.json for the JSON form)")
+    parser.add_argument("-C", dest="directory", metavar="DIR", help="run as if started in DIR")
+    parser.add_argument("-j", dest="jobs", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+                        help="parallel jobs (default: CPU count)")
+    parser.add_argument("-k", dest="keep_going", action="store_true", help="keep going past failures")
+    parser.add_argument("-n", dest="dry_run", action="store_true", help="dry run: print what would run and why")
+    parser.add_argument("-B", dest="force", action="store_true", help="rerun everything selected")
+    parser.add_argument("--explain", metavar="T", help="why T and each stage it needs would run or skip")
+    parser.add_argument("--watch", action="store_true", help="build, then rebuild what a change affects")
+    parser.add_argument("--list", action="store_true", help="stages with their doc lines")
+    parser.add_argument("--graph", nargs="?", const="dot", choices=("dot", "mermaid", "json"),
+                        help="print the DAG (default DOT)")
+    parser.add_argument("--clean", action="store_true", help="delete declared outputs of the targets")
+    parser.add_argument("--json", action="store_true", help="print the run record as JSON")
+    parser.add_argument("--run-id", metavar="ID", help="name this run")
+    parser.add_argument("-q", dest="quiet", action="count", default=0, help="less output")
+    parser.add_argument("-v", dest="verbose", action="count", default=0, help="more output")
+    parser.add_argument("--version", action="version", version=f"offbuild {__version__}")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not '{text}'")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `offbuild` command; returns the exit code."""
+    args = make_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    start = os.getcwd()
+    try:
+        if args.directory:
+            try:
+                os.chdir(args.directory)
+            except OSError as error:
+                raise OffbuildError(f"cannot enter '{args.directory}': {error.strerror}") from None
+        return _dispatch(args)
+    except OffbuildError as error:
+        os.chdir(start)  # locations in messages are relative to where the user stands
+        print(f"offbuild: {error.render()}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("offbuild: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _dispatch(args) -> int:
+    # Imported here so `--version` and `--help` stay instant.
+    from .commands import run_command
+    from .records import RUN_ID
+
+    overrides, targets = {}, []
+    for item in args.items:
+        match = _OVERRIDE.match(item)
+        if match:
+            overrides[match.group(1)] = match.group(2)
+        else:
+            targets.append(item)
+    if args.run_id is not None and not RUN_ID.match(args.run_id):
+        raise OffbuildError(f"bad run id '{args.run_id}' (letters, digits, '.', '_' and '-')")
+    return run_command(args, targets, overrides)

@@ -1,0 +1,197 @@
+"""Turn raw field text into typed model values; shared by the Pipefile and JSON loaders."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import LoadError, Location, did_you_mean
+from .model import JOB_VARIABLES, JobVar, PathSpec, Stage
+
+STAGE_FIELDS = (
+    "in", "out", "run", "doc", "after", "env", "checkpoint", "retries", "backoff",
+    "retry-on", "timeout", "pool", "network", "always",
+)
+_REFERENCE = re.compile(r"\$(?:(\$)|\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_JOB_VARIABLE = re.compile(r"(?:in|out)\d*\Z|stage\Z|stem\Z")
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\Z")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A raw value from a source file and where each of its characters came from."""
+
+    value: str
+    location: Location
+    # Source location of each line start after the first, for block recipes.
+    line_starts: tuple[Location, ...] = ()
+
+    def locate(self, offset: int) -> Location:
+        """The source location of character `offset` of `value`."""
+        line_index = self.value.count("\n", 0, offset)
+        if line_index == 0:
+            loc = self.location
+            return Location(loc.file, loc.line, loc.column + offset) if loc.line else loc
+        start = self.line_starts[line_index - 1] if line_index <= len(self.line_starts) else self.location
+        column_offset = offset - self.value.rfind("\n", 0, offset) - 1
+        return Location(start.file, start.line, start.column + column_offset)
+
+    def words(self) -> list["Text"]:
+        """The whitespace-separated words of a one-line value, each with its own location."""
+        return [Text(m.group(), self.locate(m.start())) for m in re.finditer(r"\S+", self.value)]
+
+
+def expand(text: Text, variables: dict[str, str], job_variables: bool = False) -> list[str | JobVar]:
+    """Substitute `$NAME`, `${NAME}` and `$$`; per-job names stay as JobVar when allowed."""
+    parts: list[str | JobVar] = []
+    position = 0
+    for match in _REFERENCE.finditer(text.value):
+        parts.append(text.value[position:match.start()])
+        position = match.end()
+        if match.group(1):
+            parts.append("$")
+            continue
+        name = match.group(2) if match.group(2) is not None else match.group(3)
+        location = text.locate(match.start())
+        if job_variables and _JOB_VARIABLE.match(name):
+            parts.append(JobVar(name, location))
+        elif name in variables:
+            parts.append(variables[name])
+        else:
+            raise _undefined(name, location, variables, job_variables)
+    parts.append(text.value[position:])
+    merged: list[str | JobVar] = []
+    for part in parts:
+        if isinstance(part, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += part
+        elif part != "":
+            merged.append(part)
+    return merged
+
+
+def expand_string(text: Text, variables: dict[str, str]) -> str:
+    """`expand` for fields where per-job variables make no sense."""
+    return "".join(expand(text, variables))  # type: ignore[arg-type]
+
+
+def _undefined(name: str, location: Location, variables, job_variables: bool) -> LoadError:
+    if not _NAME.match(name):
+        return LoadError(f"bad variable reference '${{{name}}}'", location)
+    hint = did_you_mean(name, variables)
+    if not hint and not job_variables and _JOB_VARIABLE.match(name):
+        hint = f" (${name} is only available in 'run:')"
+    if not hint:
+        hint = f" (write $${name} if you meant the shell's variable)"
+    return LoadError(f"undefined variable '{name}'{hint}", location)
+
+
+def check_variable_name(name: str, location: Location) -> None:
+    """Per-job names are reserved: defining `in = ...` would silently shadow `$in`."""
+    if _JOB_VARIABLE.match(name):
+        raise LoadError(f"'{name}' is reserved for recipes and cannot be a variable", location)
+
+
+def parse_duration(text: str, location: Location) -> float:
+    """`30s`, `5m`, `2h`, `500ms` or a plain number of seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise LoadError(f"bad duration '{text.strip()}' (use e.g. 30s, 5m, 2h)", location)
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def parse_bool(text: str, location: Location, field: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise LoadError(f"'{field}:' must be true or false, not '{text.strip()}'", location)
+
+
+def parse_int(text: str, location: Location, field: str, minimum: int = 0) -> int:
+    try:
+        number = int(text.strip())
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise LoadError(f"'{field}:' must be a whole number of at least {minimum}, not '{text.strip()}'", location)
+    return number
+
+
+class StageBuilder:
+    """Collects one stage's fields, validating each, then builds the frozen `Stage`."""
+
+    def __init__(self, name: str, location: Location, variables: dict[str, str], pools: dict[str, int]):
+        self.name = name
+        self.location = location
+        self.variables = variables
+        self.pools = pools
+        self.values: dict = {}
+        self.seen: dict[str, Location] = {}
+
+    def add(self, field: str, texts: list[Text], split_words: bool = True) -> None:
+        """Add one field; `texts` are its values (one text for a Pipefile line, several for JSON lists)."""
+        location = texts[0].location if texts else self.location
+        if field not in STAGE_FIELDS:
+            raise LoadError(f"unknown field '{field}'{did_you_mean(field, STAGE_FIELDS)}", location)
+        if field in self.seen:
+            raise LoadError(f"field '{field}' given twice in stage '{self.name}' (first at {self.seen[field]})", location)
+        self.seen[field] = location
+        if field == "run":
+            parts: list[str | JobVar] = []
+            for index, text in enumerate(texts):
+                parts.extend((["\n"] if index else []) + expand(text, self.variables, True))
+            self.values["recipe"] = tuple(parts)
+            return
+        if field in ("in", "out", "after"):
+            self.values[{"in": "inputs", "out": "outputs", "after": "after"}[field]] = tuple(
+                self._paths(texts, split_words))
+            return
+        scalar = " ".join(expand_string(text, self.variables) for text in texts)
+        if field == "doc":
+            self.values["doc"] = scalar.strip()
+        elif field == "env":
+            names = scalar.split()
+            for env_name in names:
+                if not _NAME.match(env_name):
+                    raise LoadError(f"'{env_name}' is not an environment variable name", location)
+            self.values["env"] = tuple(names)
+        elif field in ("checkpoint", "network", "always"):
+            self.values[field] = parse_bool(scalar, location, field)
+        elif field == "retries":
+            self.values["retries"] = parse_int(scalar, location, field)
+        elif field == "retry-on":
+            self.values["retry_on"] = tuple(parse_int(code, location, field) for code in scalar.split())
+        elif field in ("timeout", "backoff"):
+            self.values[field] = parse_duration(scalar, location)
+        elif field == "pool":
+            pool = scalar.strip()
+            if pool not in self.pools:
+                raise LoadError(f"unknown pool '{pool}'{did_you_mean(pool, self.pools)}"
+                                f" (declare it at top level: pool {pool} = N)", location)
+            self.values["pool"] = pool
+
+    def _paths(self, texts: list[Text], split_words: bool):
+        for text in texts:
+            for word in (text.words() if split_words else [text]):
+                expanded = expand_string(word, self.variables)
+                for piece in (expanded.split() if split_words else [expanded]):
+                    yield PathSpec(piece, word.location)
+
+    def build(self) -> Stage:
+        """The validated stage."""
+        stage = Stage(name=self.name, location=self.location, **self.values)
+        has_pattern = stage.pattern_input is not None
+        for spec in stage.outputs:
+            if spec.is_pattern and not has_pattern:
+                raise LoadError(f"output '{spec.text}' uses '%' but no input of stage '{self.name}' does", spec.location)
+            if has_pattern and not spec.is_pattern:
+                raise LoadError(f"output '{spec.text}' of pattern stage '{self.name}' must contain '%'"
+                                " (otherwise every job would write the same file)", spec.location)
+            if spec.is_glob:
+                raise LoadError(f"output '{spec.text}' cannot be a glob: outputs are exact paths", spec.location)
+        if stage.outputs and not stage.recipe:
+            raise LoadError(f"stage '{self.name}' declares outputs but has no 'run:'", self.location)
+        return stage

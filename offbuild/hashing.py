@@ -1,0 +1,96 @@
+"""Content hashes (BLAKE3) behind a stat cache, so an unchanged file is never read twice."""
+from __future__ import annotations
+
+import os
+import stat as stat_module
+import time
+from dataclasses import dataclass
+
+import blake3
+
+# An entry recorded this soon after the file's mtime may miss a same-tick rewrite (git's
+# "racy" problem); 2 s covers file systems with whole-second or FAT-style timestamps.
+RACY_NS = 2_000_000_000
+_MMAP_THRESHOLD = 1 << 20  # below this a plain read beats mapping the file
+_THREAD_THRESHOLD = 16 << 20  # blake3's threads pay off only on large files
+DIRECTORY_PREFIX = "tree:"
+
+
+@dataclass(frozen=True, slots=True)
+class StatEntry:
+    """What a file looked like when its content hash was taken."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+    digest: str
+    recorded_ns: int
+
+    def vouches_for(self, st: os.stat_result) -> bool:
+        """True when the stat proves the file is unchanged since `digest` was taken."""
+        return (st.st_size == self.size and st.st_mtime_ns == self.mtime_ns and st.st_ino == self.ino
+                and st.st_ctime_ns == self.ctime_ns and self.recorded_ns - self.mtime_ns >= RACY_NS)
+
+
+def hash_bytes(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def hash_file_contents(path: str, size: int) -> str:
+    """BLAKE3 of one file: read for small files, memory-mapped (and threaded) for large ones."""
+    if size < _MMAP_THRESHOLD:
+        with open(path, "rb") as handle:
+            return blake3.blake3(handle.read()).hexdigest()
+    threads = blake3.blake3.AUTO if size >= _THREAD_THRESHOLD else 1
+    return blake3.blake3(max_threads=threads).update_mmap(path).hexdigest()
+
+
+class FileHasher:
+    """Hashes paths through the stat cache; collects new cache entries for the store to save."""
+
+    def __init__(self, entries: dict[str, StatEntry]):
+        self.entries = entries
+        self.fresh: dict[str, StatEntry] = {}  # new or re-taken entries, not yet saved
+        self.files_hashed = 0
+        self.bytes_hashed = 0
+
+    def digest(self, path: str) -> str | None:
+        """The content hash of a file or directory tree, or None when the path does not exist."""
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat_module.S_ISDIR(st.st_mode):
+            return self._tree_digest(path)
+        entry = self.entries.get(path)
+        if entry is not None and entry.vouches_for(st):
+            return entry.digest
+        recorded_ns = time.time_ns()  # taken before reading: a write during the read makes it racy
+        digest = hash_file_contents(path, st.st_size)
+        self.files_hashed += 1
+        self.bytes_hashed += st.st_size
+        new = StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest, recorded_ns)
+        self.entries[path] = new
+        self.fresh[path] = new
+        return digest
+
+    def _tree_digest(self, directory: str) -> str:
+        """A directory counts its whole tree: relative names and contents, in sorted order."""
+        lines = []
+        for root, dirs, files in os.walk(directory):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                lines.append(f"{os.path.relpath(path, directory)}\0{self.digest(path)}\n")
+        return DIRECTORY_PREFIX + hash_bytes("".join(lines).encode())
+
+    def forget(self, path: str) -> None:
+        """Drop what is known about a path a recipe is about to rewrite."""
+        self.entries.pop(path, None)
+        self.fresh.pop(path, None)
+
+    def take_fresh(self) -> dict[str, StatEntry]:
+        """New entries since the last call, for saving."""
+        fresh, self.fresh = self.fresh, {}
+        return fresh

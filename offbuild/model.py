@@ -1,0 +1,88 @@
+"""The pipeline model: frozen values produced by the loaders, consumed by everything else."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import Location
+
+# Per-job names a recipe may use; they cannot be defined as variables.
+JOB_VARIABLES = ("in", "out", "stage", "stem")
+
+
+@dataclass(frozen=True, slots=True)
+class JobVar:
+    """A reference to a per-job variable (`$in`, `$out3`, `$stem`...) left in a recipe template."""
+
+    name: str
+    location: Location
+
+
+@dataclass(frozen=True, slots=True)
+class PathSpec:
+    """One word of an `in:` or `out:` field after variable expansion: a path, glob or pattern."""
+
+    text: str
+    location: Location
+
+    @property
+    def is_pattern(self) -> bool:
+        return "%" in self.text
+
+    @property
+    def is_glob(self) -> bool:
+        return any(c in self.text for c in "*?[")
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One `stage NAME:` block, variables expanded except the per-job ones in `recipe`."""
+
+    name: str
+    location: Location
+    inputs: tuple[PathSpec, ...] = ()
+    outputs: tuple[PathSpec, ...] = ()
+    recipe: tuple[str | JobVar, ...] = ()
+    doc: str = ""
+    after: tuple[PathSpec, ...] = ()
+    env: tuple[str, ...] = ()
+    checkpoint: bool = False
+    retries: int = 0
+    backoff: float = 1.0
+    retry_on: tuple[int, ...] = ()
+    timeout: float | None = None
+    pool: str | None = None
+    network: bool = False
+    always: bool = False
+
+    @property
+    def pattern_input(self) -> PathSpec | None:
+        """The first `%` input, which drives a pattern stage's jobs, or None."""
+        return next((spec for spec in self.inputs if spec.is_pattern), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """A loaded Pipefile: stages in declaration order, pools, the default targets."""
+
+    stages: tuple[Stage, ...]
+    default: tuple[PathSpec, ...] = ()
+    pools: dict[str, int] = field(default_factory=dict)
+    variables: dict[str, str] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()  # the Pipefile and every included file
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One concrete unit of work: a stage, or one stem of a pattern stage."""
+
+    name: str
+    stage: Stage
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    recipe: str
+    stem: str | None = None
+    input_locations: tuple[Location, ...] = ()
+
+    @property
+    def is_check(self) -> bool:
+        return not self.outputs

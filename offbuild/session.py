@@ -1,0 +1,60 @@
+"""Loading a project: the Pipefile, the state store and the graph, as every command needs them."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .build import is_stale_output
+from .errors import Location, UsageError
+from .graph import BuildGraph, build_graph
+from .hashing import FileHasher
+from .jsonform import load_json
+from .model import PathSpec, Pipeline
+from .parser import load_pipefile
+from .state import JobRecord, StateStore
+
+STATE_DIR = ".offbuild"
+_NO_LOCATION = Location("<command line>", 0, 0)
+
+
+@dataclass(slots=True)
+class Project:
+    """A loaded project, with the process already in its root directory."""
+
+    pipeline: Pipeline
+    store: StateStore
+    hasher: FileHasher
+    records: dict[str, JobRecord]
+    graph: BuildGraph
+    cwd_offset: str  # where the user stood, relative to the root, for path targets
+
+    def targets(self, names: list[str]) -> list[PathSpec]:
+        """The command line's targets, else `default:`, else every stage."""
+        if names:
+            return [PathSpec(self._path_or_name(name), _NO_LOCATION) for name in names]
+        if self.pipeline.default:
+            return list(self.pipeline.default)
+        return [PathSpec(stage.name, _NO_LOCATION) for stage in self.pipeline.stages]
+
+    def _path_or_name(self, text: str) -> str:
+        if text in self.graph.jobs or text in self.graph.jobs_by_stage or self.cwd_offset == ".":
+            return text
+        return os.path.normpath(os.path.join(self.cwd_offset, text))
+
+
+def open_project(pipefile: str, overrides: dict[str, str]) -> Project:
+    """Load the pipeline, chdir to its directory, open the state and build the job graph."""
+    if not os.path.isfile(pipefile):
+        hint = "" if os.path.exists(pipefile) else " (use -f FILE or -C DIR to point at one)"
+        raise UsageError(f"no pipeline file '{pipefile}'{hint}")
+    start = os.getcwd()
+    root = os.path.dirname(os.path.abspath(pipefile))
+    display = os.path.relpath(os.path.abspath(pipefile), start) if not os.path.isabs(pipefile) else pipefile
+    loader = load_json if pipefile.endswith(".json") else load_pipefile
+    pipeline = loader(os.path.abspath(pipefile), display, overrides)
+    os.chdir(root)
+    store = StateStore(os.path.join(STATE_DIR, "state.db"))
+    hasher = FileHasher(store.load_stat_cache())
+    records = store.load_jobs()
+    graph = build_graph(pipeline, is_stale_output(records, hasher))
+    return Project(pipeline, store, hasher, records, graph, os.path.relpath(start, root))

@@ -1,0 +1,199 @@
+"""The SQLite store under `.offbuild/`: stat cache, last success per job, last decision per job.
+
+Each finished job is saved in its own short transaction, so killing offbuild loses at most the
+jobs that were running. WAL mode and a busy timeout let concurrent offbuild processes share it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+from .errors import OffbuildError
+from .hashing import StatEntry
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ino INTEGER, ctime_ns INTEGER,
+    digest TEXT, recorded_ns INTEGER);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    key TEXT,             -- stage key of the last success, NULL if it never succeeded
+    recipe TEXT,          -- the expanded recipe of the last success
+    inputs TEXT,          -- JSON {path: digest} at the last success
+    outputs TEXT,         -- JSON {path: digest} written by the last success
+    env TEXT,             -- JSON {name: value} of its env: variables
+    options TEXT,         -- JSON of the other key parts (network, checkpoint)
+    built_at REAL, duration REAL, run_id TEXT,
+    failed INTEGER NOT NULL DEFAULT 0, failed_run TEXT, failed_at REAL);
+CREATE TABLE IF NOT EXISTS decisions (
+    name TEXT PRIMARY KEY, run_id TEXT, at REAL, action TEXT, reasons TEXT);
+"""
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """What the store knows about one job. JSON columns are parsed only when asked for."""
+
+    name: str
+    key: str | None
+    recipe: str | None = None
+    inputs_json: str | None = None
+    outputs_json: str | None = None
+    env_json: str | None = None
+    options_json: str | None = None
+    built_at: float | None = None
+    duration: float | None = None
+    run_id: str | None = None
+    failed: bool = False
+    failed_run: str | None = None
+    failed_at: float | None = None
+    _outputs: dict | None = field(default=None, repr=False)
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        if self._outputs is None:
+            self._outputs = json.loads(self.outputs_json) if self.outputs_json else {}
+        return self._outputs
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return json.loads(self.inputs_json) if self.inputs_json else {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return json.loads(self.env_json) if self.env_json else {}
+
+    @property
+    def options(self) -> dict:
+        return json.loads(self.options_json) if self.options_json else {}
+
+
+@dataclass(frozen=True, slots=True)
+class Success:
+    """Everything saved when a job succeeds."""
+
+    key: str
+    recipe: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+    env: dict[str, str]
+    options: dict
+    duration: float
+    run_id: str
+
+
+class StateStore:
+    """One SQLite database; `path=":memory:"` gives a throwaway store for tests."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as error:
+            raise OffbuildError(f"cannot open the state database {path}: {error}"
+                                " (delete .offbuild/state.db to start afresh)") from None
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            self.db.execute("CREATE TABLE IF NOT EXISTS schema (version INTEGER NOT NULL)")
+            row = self.db.execute("SELECT version FROM schema").fetchone()
+            if row and row[0] > SCHEMA_VERSION:
+                raise OffbuildError(f"{self.path} was written by a newer offbuild (schema {row[0]})")
+            if row and row[0] < SCHEMA_VERSION:  # older layouts hold only caches: start afresh
+                for table in ("files", "jobs", "decisions"):
+                    self.db.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in _SCHEMA.split(";"):  # executescript would commit mid-transaction
+                if statement.strip():
+                    self.db.execute(statement)
+            if not row or row[0] != SCHEMA_VERSION:
+                self.db.execute("DELETE FROM schema")
+                self.db.execute("INSERT INTO schema VALUES (?)", (SCHEMA_VERSION,))
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- reads: whole tables at once, a no-op build does one query per table
+
+    def load_stat_cache(self) -> dict[str, StatEntry]:
+        rows = self.db.execute("SELECT path, size, mtime_ns, ino, ctime_ns, digest, recorded_ns FROM files")
+        return {row[0]: StatEntry(*row[1:]) for row in rows}
+
+    def load_jobs(self) -> dict[str, JobRecord]:
+        rows = self.db.execute("SELECT name, key, recipe, inputs, outputs, env, options, built_at, duration,"
+                               " run_id, failed, failed_run, failed_at FROM jobs")
+        return {row[0]: JobRecord(*row[:10], bool(row[10]), row[11], row[12]) for row in rows}
+
+    def load_decisions(self) -> dict[str, dict]:
+        rows = self.db.execute("SELECT name, run_id, at, action, reasons FROM decisions")
+        return {row[0]: {"run_id": row[1], "at": row[2], "action": row[3], "reasons": json.loads(row[4])}
+                for row in rows}
+
+    # -- writes
+
+    def record_success(self, name: str, success: Success, stat_entries: dict[str, StatEntry]) -> None:
+        """Save one finished job and the stat entries of what it read and wrote, atomically."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO jobs (name, key, recipe, inputs, outputs, env, options, built_at,"
+                " duration, run_id, failed) VALUES (?,?,?,?,?,?,?,?,?,?,0)",
+                (name, success.key, success.recipe, json.dumps(success.inputs), json.dumps(success.outputs),
+                 json.dumps(success.env), json.dumps(success.options, sort_keys=True), time.time(),
+                 success.duration, success.run_id))
+            self._save_stat_entries(stat_entries)
+
+    def record_failure(self, name: str, run_id: str) -> None:
+        """Mark a job failed; its last success stays for explanations but no longer counts."""
+        with self.transaction():
+            self.db.execute("INSERT OR IGNORE INTO jobs (name, key) VALUES (?, NULL)", (name,))
+            self.db.execute("UPDATE jobs SET failed = 1, failed_run = ?, failed_at = ? WHERE name = ?",
+                            (run_id, time.time(), name))
+
+    def record_decisions(self, run_id: str, decisions: list[tuple[str, str, list]]) -> None:
+        """The last decision (action and reasons) per job, for `--explain`."""
+        now = time.time()
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?)",
+                                [(name, run_id, now, action, json.dumps(reasons)) for name, action, reasons in decisions])
+
+    def save_stat_entries(self, entries: dict[str, StatEntry]) -> None:
+        if entries:
+            with self.transaction():
+                self._save_stat_entries(entries)
+
+    def _save_stat_entries(self, entries: dict[str, StatEntry]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)",
+                            [(path, e.size, e.mtime_ns, e.ino, e.ctime_ns, e.digest, e.recorded_ns)
+                             for path, e in entries.items()])
+
+    def forget_jobs(self, names: list[str]) -> None:
+        with self.transaction():
+            self.db.executemany("DELETE FROM jobs WHERE name = ?", [(name,) for name in names])
+            self.db.executemany("DELETE FROM decisions WHERE name = ?", [(name,) for name in names])
+
+
+class _Transaction:
+    """`BEGIN IMMEDIATE` … `COMMIT`, rolled back on error: writers queue instead of deadlocking."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, value, traceback):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        return False
