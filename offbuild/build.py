@@ -49,7 +49,7 @@ class BuildResult:
     def counts(self) -> dict[str, int]:
         tally = Counter(outcome.action for outcome in self.outcomes.values())
         return {"total": len(self.outcomes), "ran": tally["ran"], "skipped": tally["skipped"],
-                "failed": tally["failed"] + tally["interrupted"], "resumed": 0, "restored": 0,
+                "failed": tally["failed"] + tally["interrupted"], "resumed": tally["resumed"], "restored": 0,
                 "blocked": tally["blocked"]}
 
 
@@ -70,7 +70,7 @@ class Builder:
         self.keep_going = keep_going
         self.run_id = run_id
         self.result = BuildResult("ok", {name: Outcome(name, "blocked") for name in order})
-        self._finished: set[str] = set()
+        self.resumed: set[str] = set()
 
     def run(self) -> BuildResult:
         """Build everything in `order`; Ctrl-C stops running recipes and returns 'interrupted'."""
@@ -102,7 +102,10 @@ class Builder:
                         self._fail(Outcome(name, "failed", decision, error=f"input '{missing[0]}' is missing"))
                         stop = not self.keep_going
                         continue
-                    self._prepare_outputs(job)
+                    resuming = self._prepare_checkpoint(job, decision) if job.stage.checkpoint else False
+                    self._prepare_outputs(job, keep=resuming)
+                    if resuming:
+                        self.resumed.add(name)
                     self.reporter.job_started(name, job.recipe)
                     if job.stage.pool:
                         pools[job.stage.pool] += 1
@@ -131,11 +134,28 @@ class Builder:
             self.result.status = "failed"
         return self.result
 
-    def _prepare_outputs(self, job) -> None:
+    def _prepare_checkpoint(self, job, decision: Decision) -> bool:
+        """Resume when a checkpoint was left by an attempt with the same stage key; otherwise
+        discard it (and the partial outputs with it). Returns whether the job resumes."""
+        checkpoint = self.executor.checkpoint_path(job)
+        key_file = checkpoint + ".key"
+        try:
+            with open(key_file, encoding="utf-8") as handle:
+                resuming = handle.read() == decision.key and os.path.exists(checkpoint)
+        except FileNotFoundError:
+            resuming = False
+        if not resuming:
+            _remove(checkpoint)
+        os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
+        with open(key_file, "w", encoding="utf-8") as handle:
+            handle.write(decision.key)
+        return resuming
+
+    def _prepare_outputs(self, job, keep: bool) -> None:
         """Parents exist; old outputs are removed so a recipe that writes nothing is caught."""
         for path in job.outputs:
             self.hasher.forget(path)
-            if not job.stage.checkpoint:
+            if not keep:
                 _remove(path)
             parent = os.path.dirname(path)
             if parent:
@@ -160,12 +180,16 @@ class Builder:
         success = Success(decision.key, job.recipe, decision.inputs, outputs, decision.env, job_options(job),
                           result.duration, self.run_id)
         self.store.record_success(name, success, self.hasher.take_fresh())
-        self._finish(Outcome(name, "ran", decision, result), ready, waiting)
+        if job.stage.checkpoint:
+            checkpoint = self.executor.checkpoint_path(job)
+            _remove(checkpoint)
+            _remove(checkpoint + ".key")
+        action = "resumed" if name in self.resumed else "ran"
+        self._finish(Outcome(name, action, decision, result), ready, waiting)
         return True
 
     def _finish(self, outcome: Outcome, ready: list[str], waiting: dict[str, int]) -> None:
         self.result.outcomes[outcome.name] = outcome
-        self._finished.add(outcome.name)
         duration = outcome.result.duration if outcome.result else 0.0
         output = outcome.result.output() if outcome.result else ""
         self.reporter.job_finished(outcome.name, outcome.action, duration, output)

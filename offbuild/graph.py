@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import bisect
-import fnmatch
-import glob
+import functools
 import os
 import re
 import shlex
@@ -118,12 +117,46 @@ def _fixed_prefix_dir(pattern: str) -> str:
     return os.path.dirname(pattern[:wildcard])
 
 
+def _glob_to_regex(glob_text: str) -> str:
+    """Shell glob → regex source: `*` and `?` stay inside one folder, `**/` spans folders."""
+    out, i = [], 0
+    while i < len(glob_text):
+        c = glob_text[i]
+        if glob_text.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if glob_text.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in glob_text[i + 2:]:
+            end = glob_text.index("]", i + 2)
+            body = glob_text[i + 1:end]
+            negated = body[:1] in ("!", "^")
+            members = (body[1:] if negated else body).replace("\\", "\\\\")
+            out.append(("[^" if negated else "[") + members + "]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+@functools.cache
+def glob_regex(glob_text: str) -> re.Pattern:
+    return re.compile(_glob_to_regex(glob_text) + r"\Z", re.S)
+
+
 def _pattern_regex(pattern: str) -> re.Pattern:
     """`%` matches any non-empty text (slashes too); glob characters keep their meaning."""
-    pieces = pattern.split("%", 1)
-    head = fnmatch.translate(pieces[0]).removesuffix(r"\Z").removeprefix("(?s:").removesuffix(")")
-    tail = fnmatch.translate(pieces[1]).removesuffix(r"\Z").removeprefix("(?s:").removesuffix(")")
-    return re.compile(f"(?s:{head})(?P<stem>.+?)(?s:{tail})\\Z")
+    head, tail = pattern.split("%", 1)
+    return re.compile(f"{_glob_to_regex(head)}(?P<stem>.+?){_glob_to_regex(tail)}\\Z", re.S)
 
 
 def build_graph(pipeline: Pipeline, is_stale: Callable[[str], bool] = lambda path: False) -> BuildGraph:
@@ -214,8 +247,9 @@ def _make_job(stage: Stage, name: str, stem: str | None, lister: _FileLister, pr
         text = spec.text.replace("%", stem) if stem is not None else spec.text
         if spec.is_glob:
             pattern = normalize(text)
-            matches = [path for path in lister.under(_fixed_prefix_dir(pattern)) if fnmatch.fnmatchcase(path, pattern)]
-            matches += [path for path in producer if fnmatch.fnmatchcase(path, pattern)]
+            regex = glob_regex(pattern)
+            matches = [path for path in lister.under(_fixed_prefix_dir(pattern)) if regex.match(path)]
+            matches += [path for path in producer if regex.match(path)]
             paths = sorted(set(matches) - own)
         else:
             paths = [normalize(text)]

@@ -2,5 +2,6 @@
 import shutil
 import sys
 
-source, destination = sys.argv[1], sys.argv[2]
-shutil.copyfile(source, destination)
+if __name__ == "__main__":  # this file's name shadows the stdlib `copy` for scripts beside it
+    source, destination = sys.argv[1], sys.argv[2]
+    shutil.copyfile(source, destination)

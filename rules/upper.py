@@ -8,6 +8,9 @@ import os
 import sys
 import time
 
+# This folder holds copy.py, which would shadow the standard library's `copy` module.
+sys.path = [entry for entry in sys.path if os.path.abspath(entry or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 source, destination = sys.argv[1], sys.argv[2]
 delay = float(os.environ.get("UPPER_DELAY", "0"))  # slows the demo down to watch it resume
 

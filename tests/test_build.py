@@ -1,0 +1,469 @@
+"""End-to-end: the real `offbuild` command deciding by content (SPEC sections 2, 3 and 6)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+CHAIN = """
+stage first:
+    in:  src.txt
+    out: work/first.txt
+    run: tr a-z A-Z < $in > $out
+
+stage second:
+    in:  work/first.txt
+    out: out/second.txt
+    run: cat $in $in > $out
+"""
+
+
+def age(project, *paths, seconds=10):
+    """Backdate files so the stat cache may trust them (entries within 2 s of mtime are racy)."""
+    past = time.time() - seconds
+    for path in paths:
+        os.utime(project.root / path, (past, past))
+
+
+def test_first_build_then_noop(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    record = project.build()
+    assert project.ran(record) == {"first", "second"}
+    assert project.read("out/second.txt") == "HELLO\nHELLO\n"
+    record = project.build()
+    assert project.ran(record) == set()
+    assert sorted(record["skipped"]) == ["first", "second"]
+    assert record["counts"] == {"total": 2, "ran": 0, "skipped": 2, "failed": 0, "resumed": 0, "restored": 0,
+                                "blocked": 0}
+
+
+def test_touch_and_same_content_save_rebuild_nothing(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    os.utime(project.root / "src.txt")
+    assert project.ran(project.build()) == set()
+    project.write("src.txt", "hello\n")  # saved again, same bytes
+    assert project.ran(project.build()) == set()
+
+
+def test_content_change_reruns_the_chain(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    project.write("src.txt", "bye\n")
+    assert project.ran(project.build()) == {"first", "second"}
+    assert project.read("out/second.txt") == "BYE\nBYE\n"
+
+
+def test_early_cutoff_skips_downstream_when_output_is_identical(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    project.write("src.txt", "HELLO\n")  # different input, same upper-cased output
+    record = project.build()
+    assert project.ran(record) == {"first"}
+    assert "second" in record["skipped"]
+
+
+def test_recipe_edit_reruns_only_that_stage(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    project.pipefile(CHAIN.replace("cat $in $in > $out", "cat $in $in $in > $out"))
+    record = project.build()
+    assert project.ran(record) == {"second"}
+    reasons = [job["reasons"] for job in record["jobs"] if job["stage"] == "second"][0]
+    assert any(reason["reason"] == "recipe_changed" for reason in reasons)
+
+
+def test_deleted_output_rebuilds_its_stage(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    (project.root / "out/second.txt").unlink()
+    record = project.build()
+    assert project.ran(record) == {"second"}
+    assert project.read("out/second.txt") == "HELLO\nHELLO\n"
+
+
+def test_hand_edited_output_rebuilds_and_early_cutoff_stops_the_rest(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    project.write("work/first.txt", "tampered\n")
+    record = project.build()
+    # first is rebuilt, and since it writes the same bytes as before, second stays skipped
+    assert project.ran(record) == {"first"}
+    assert project.read("work/first.txt") == "HELLO\n"
+    reasons = {r["reason"] for job in record["jobs"] for r in job["reasons"]}
+    assert "output_changed" in reasons
+
+
+def test_failure_exit_code_deletes_outputs_and_blocks_downstream(project):
+    project.pipefile("""
+        stage bad:
+            in:  src.txt
+            out: work/bad.txt
+            run: echo partial > $out; echo boom >&2; exit 3
+        stage after:
+            in:  work/bad.txt
+            out: after.txt
+            run: cp $in $out
+    """)
+    project.write("src.txt", "x\n")
+    result = project.run(check=1)
+    assert "boom" in result.stdout + result.stderr
+    assert not project.exists("work/bad.txt"), "a failed stage's partial output must be deleted"
+    assert not project.exists("after.txt")
+    record = project.last_record()
+    assert record["status"] == "failed"
+    bad = [job for job in record["jobs"] if job["stage"] == "bad"][0]
+    assert bad["action"] == "failed" and bad["exit_code"] == 3
+    assert record["counts"]["failed"] == 1
+    # A failure never counts as done: the next build tries again.
+    project.run(check=1)
+    assert "bad" in {job["stage"] for job in project.last_record()["jobs"]}
+
+
+def test_missing_declared_output_is_a_failure_naming_the_file(project):
+    project.pipefile("""
+        stage lazy:
+            out: made.txt forgot.txt
+            run: echo hi > made.txt
+    """)
+    result = project.run(check=1)
+    assert "forgot.txt" in result.stdout + result.stderr
+    assert not project.exists("made.txt")
+
+
+def test_keep_going_runs_independent_stages(project):
+    project.pipefile("""
+        stage a_bad:
+            out: a.txt
+            run: exit 1
+        stage b_good:
+            out: b.txt
+            run: echo ok > b.txt
+    """)
+    project.run("-j", "1", check=1)
+    assert not project.exists("b.txt"), "without -k nothing new starts after a failure"
+    project.run("-j", "1", "-k", check=1)
+    assert project.read("b.txt") == "ok\n"
+
+
+def test_parallel_jobs_really_overlap(project):
+    wait_for = "for i in $(seq 100); do [ -e {other} ] && break; sleep 0.05; done; [ -e {other} ]"
+    project.pipefile(f"""
+        stage a:
+            out: a.txt
+            run: touch a.started; {wait_for.format(other="b.started")}; echo a > a.txt
+        stage b:
+            out: b.txt
+            run: touch b.started; {wait_for.format(other="a.started")}; echo b > b.txt
+    """)
+    project.run("-j", "2", check=0)
+    assert project.exists("a.txt") and project.exists("b.txt")
+
+
+def test_patterns_make_one_job_per_file_and_a_new_file_adds_one_job(project):
+    project.pipefile("""
+        stage shout:
+            in:  data/input/%.txt
+            out: data/work/%.shout
+            run: tr a-z A-Z < $in > $out; echo $stem > $out.stem
+        stage report:
+            in:  data/work/*.shout
+            out: report.txt
+            run: cat $in > $out
+    """)
+    project.write("data/input/a.txt", "a\n")
+    project.write("data/input/sub/b.txt", "b\n")
+    assert project.ran(project.build()) == {"shout[a]", "shout[sub/b]", "report"}
+    assert project.read("report.txt") == "A\n"  # the glob is one level deep; sub/b.shout is not matched
+    assert project.read("data/work/sub/b.shout.stem") == "sub/b\n"
+    project.write("data/input/c.txt", "c\n")
+    assert project.ran(project.build()) == {"shout[c]", "report"}
+    assert project.read("report.txt") == "A\nC\n"
+
+
+def test_patterns_chain_on_a_clean_tree(project):
+    project.pipefile("""
+        stage up:
+            in:  in/%.txt
+            out: mid/%.up
+            run: tr a-z A-Z < $in > $out
+        stage twice:
+            in:  mid/%.up
+            out: out/%.twice
+            run: cat $in $in > $out
+    """)
+    project.write("in/x.txt", "x\n")
+    assert project.ran(project.build()) == {"up[x]", "twice[x]"}
+    assert project.read("out/x.twice") == "X\nX\n"
+
+
+def test_vanished_job_outputs_are_removed_but_hand_edited_ones_kept(project):
+    project.pipefile("""
+        stage shout:
+            in:  in/%.txt
+            out: work/%.shout
+            run: tr a-z A-Z < $in > $out
+        stage all:
+            in:  work/*.shout
+            out: all.txt
+            run: cat $in > $out
+    """)
+    project.write("in/a.txt", "a\n")
+    project.write("in/b.txt", "b\n")
+    project.write("in/c.txt", "c\n")
+    project.build()
+    (project.root / "in/b.txt").unlink()
+    (project.root / "in/c.txt").unlink()
+    project.write("work/c.shout", "mine now\n")
+    project.build()
+    assert not project.exists("work/b.shout"), "a stale output must not linger (or feed the glob)"
+    assert project.read("work/c.shout") == "mine now\n", "a hand-edited output is kept"
+    assert "B" not in project.read("all.txt")
+
+
+def test_targets_by_stage_job_and_output_path(project):
+    project.pipefile("""
+        stage shout:
+            in:  in/%.txt
+            out: work/%.shout
+            run: tr a-z A-Z < $in > $out
+        stage other:
+            out: other.txt
+            run: echo other > $out
+    """)
+    project.write("in/a.txt", "a\n")
+    project.write("in/b.txt", "b\n")
+    assert project.ran(project.build("shout[a]")) == {"shout[a]"}
+    assert project.ran(project.build("work/b.shout")) == {"shout[b]"}
+    assert project.ran(project.build("other")) == {"other"}
+    (project.root / "work").mkdir(exist_ok=True)
+    assert project.ran(project.build("-f", "../Pipefile", "a.shout", cwd=project.root / "work")) == set()
+
+
+def test_default_names_what_a_bare_build_builds(project):
+    project.pipefile("""
+        stage one:
+            out: one.txt
+            run: echo 1 > $out
+        stage two:
+            out: two.txt
+            run: echo 2 > $out
+        default: two
+    """)
+    assert project.ran(project.build()) == {"two"}
+    assert not project.exists("one.txt")
+
+
+def test_dry_run_prints_reasons_and_changes_nothing(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    result = project.run("-n", check=0)
+    assert "would run first: never built" in result.stdout
+    assert "would run second" in result.stdout
+    assert not project.exists("work/first.txt")
+    assert not (project.root / ".offbuild" / "runs").exists()
+    project.build()
+    project.write("src.txt", "changed\n")
+    result = project.run("-n", check=0)
+    assert "input changed: src.txt" in result.stdout
+    assert "upstream" in result.stdout
+
+
+def test_force_reruns_everything_selected(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    assert project.ran(project.build("-B")) == {"first", "second"}
+
+
+def test_run_record_fields_and_json_flag(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    result = project.run("--json", "--run-id", "first-run", check=0)
+    printed = json.loads(result.stdout)
+    saved = json.loads((project.root / ".offbuild/runs/first-run.json").read_text())
+    assert printed == saved
+    for field in ("run_id", "started", "ended", "status", "targets", "offline", "counts", "jobs", "skipped"):
+        assert field in saved
+    assert saved["run_id"] == "first-run" and saved["status"] == "ok"
+    assert saved["counts"]["ran"] == 2 and saved["counts"]["total"] == 2
+    job = saved["jobs"][0]
+    for field in ("stage", "action", "reasons", "attempts", "duration", "exit_code", "key"):
+        assert field in job
+    assert (project.root / ".offbuild/logs/first.log").exists()
+
+
+def test_noop_reads_no_file_contents(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    age(project, "src.txt", "work/first.txt", "out/second.txt")
+    project.build()  # backdating changed ctime: the cache re-learns each file once
+    record = project.build()
+    assert record["hashed"] == {"files": 0, "bytes": 0}
+    assert project.ran(record) == set()
+
+
+def test_same_size_same_mtime_edit_is_still_seen(project):
+    """A rewrite that keeps size and mtime is caught (inode/ctime and the racy rule)."""
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    stat = os.stat(project.root / "src.txt")
+    project.write("src.txt", "jello\n")
+    os.utime(project.root / "src.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert project.ran(project.build()) == {"first", "second"}
+
+
+def test_checks_rerun_on_change_and_after_failure(project):
+    project.pipefile("""
+        stage lint:
+            in:  code.txt
+            run: grep -q good code.txt
+    """)
+    project.write("code.txt", "good\n")
+    assert project.ran(project.build()) == {"lint"}
+    assert project.ran(project.build()) == set()
+    project.write("code.txt", "bad\n")
+    project.run(check=1)
+    project.run(check=1)  # still failing: a failed check reruns
+    project.write("code.txt", "good\n")
+    assert project.ran(project.build()) == {"lint"}
+
+
+def test_always_stage_runs_every_time(project):
+    project.pipefile("""
+        stage stamp:
+            always: true
+            out: stamp.txt
+            run: echo same > $out
+        stage use:
+            in: stamp.txt
+            out: use.txt
+            run: cp $in $out
+    """)
+    project.build()
+    record = project.build()
+    assert project.ran(record) == {"stamp"}, "early cutoff keeps 'use' skipped"
+
+
+def test_job_variables_parent_folders_and_shell_syntax(project):
+    project.pipefile("""
+        stage vars:
+            in:  b.txt a.txt
+            out: deep/dir/one.txt deep/other/two.txt
+            run:
+                echo "$in0|$in1|$stage|$(echo sub)|$$HOME" > $out0
+                echo "$in" > $out1
+    """)
+    project.write("a.txt", "a")
+    project.write("b.txt", "b")
+    project.build()
+    assert project.read("deep/dir/one.txt") == f"b.txt|a.txt|vars|sub|{os.environ['HOME']}\n"
+    assert project.read("deep/other/two.txt") == "b.txt a.txt\n"
+
+
+def test_block_recipe_is_one_sh_e_script(project):
+    project.pipefile("""
+        stage block:
+            out: out.txt
+            run:
+                x=1
+                if [ "$$x" = 1 ]; then
+                    echo one > $out
+                fi
+                false
+                echo never >> $out
+    """)
+    project.run(check=1)
+    assert not project.exists("out.txt")
+
+
+def test_variable_override_and_env_are_part_of_the_key(project):
+    project.pipefile("""
+        greeting = hello
+        stage greet:
+            env: WHO
+            out: greet.txt
+            run: echo $greeting $$WHO > $out
+    """)
+    project.build(env={"WHO": "ann"})
+    assert project.read("greet.txt") == "hello ann\n"
+    assert project.ran(project.build(env={"WHO": "ann"})) == set()
+    assert project.ran(project.build(env={"WHO": "bob"})) == {"greet"}
+    assert project.ran(project.build("greeting=hi", env={"WHO": "bob"})) == {"greet"}
+    assert project.read("greet.txt") == "hi bob\n"
+
+
+def test_after_orders_without_being_an_input(project):
+    project.pipefile("""
+        stage second:
+            after: first
+            out: second.txt
+            run: cat first.txt > second.txt
+        stage first:
+            out: first.txt
+            run: echo 1 > first.txt
+    """)
+    project.build("-j", "2")
+    assert project.read("second.txt") == "1\n"
+
+
+def test_json_form_builds_like_a_pipefile(project):
+    project.write("pipeline.json", json.dumps({
+        "vars": {"tool": "tr a-z A-Z"},
+        "stages": [{"name": "up", "in": ["src.txt"], "out": ["up.txt"], "run": "$tool < $in > $out"}],
+        "default": ["up"],
+    }))
+    project.write("src.txt", "json\n")
+    assert project.ran(project.build("-f", "pipeline.json")) == {"up"}
+    assert project.read("up.txt") == "JSON\n"
+    assert project.ran(project.build("-f", "pipeline.json")) == set()
+
+
+def test_directory_flag_and_file_flag(project, tmp_path):
+    project.write("sub/Pipefile", "stage s:\n    out: s.txt\n    run: echo s > $out\n")
+    project.run("-C", "sub", check=0)
+    assert project.read("sub/s.txt") == "s\n"
+    project.run("-f", "sub/Pipefile", check=0)
+    assert project.exists("sub/.offbuild/state.db")
+
+
+def test_no_pipefile_is_a_usage_error(project):
+    result = project.run(check=2)
+    assert "no pipeline file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_recipes_and_exits_130(project):
+    project.pipefile("""
+        stage slow:
+            out: slow.txt
+            run: echo started > started.txt; echo partial > $out; sleep 30; echo done >> $out
+    """)
+    process = subprocess.Popen([sys.executable, "-m", "offbuild"], cwd=project.root,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while not project.exists("started.txt") and time.time() < deadline:
+        time.sleep(0.05)
+    started = time.time()
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=20)
+    assert process.returncode == 130
+    assert time.time() - started < 8
+    assert not project.exists("slow.txt"), "an interrupted job's output never counts as built"
+    assert project.last_record()["status"] == "interrupted"
+    result = subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True, text=True)
+    assert result.stdout.strip() == "", "the recipe's processes must be gone"
