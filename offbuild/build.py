@@ -7,10 +7,11 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from .executor import LocalExecutor, RecipeResult
+from .executor import NETWORK_HINT, LocalExecutor, RecipeResult
 from .graph import BuildGraph
 from .hashing import FileHasher
-from .planner import Action, Decision, Planner, job_options
+from .locks import JobLocks
+from .planner import Action, Decision, Planner, Reason, job_options
 from .reporter import Reporter
 from .state import StateStore, Success
 
@@ -71,68 +72,105 @@ class Builder:
         self.run_id = run_id
         self.result = BuildResult("ok", {name: Outcome(name, "blocked") for name in order})
         self.resumed: set[str] = set()
+        self.locks = JobLocks(executor.state_dir)
 
     def run(self) -> BuildResult:
         """Build everything in `order`; Ctrl-C stops running recipes and returns 'interrupted'."""
         needed = set(self.order)
         dag = self.graph.dag
-        waiting = {name: sum(1 for dep in dag.predecessors(name) if dep in needed) for name in self.order}
-        ready = [name for name in self.order if waiting[name] == 0]
-        running: dict[Future, tuple[str, Decision]] = {}
-        pools: Counter = Counter()
-        stop = False
-        pool = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="recipe")
+        self._waiting = {name: sum(1 for dep in dag.predecessors(name) if dep in needed) for name in self.order}
+        self._ready = [name for name in self.order if self._waiting[name] == 0]
+        self._running: dict[Future, tuple[str, str, Decision | None]] = {}  # future → (job, phase, decision)
+        self._pools: Counter = Counter()
+        self._stop = False
+        self._threads = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="recipe")
         try:
-            while ready or running:
-                index = 0
-                while not stop and index < len(ready) and len(running) < self.max_jobs:
-                    name = ready[index]
-                    job = self.graph.jobs[name]
-                    limit = self.graph.pipeline.pools.get(job.stage.pool) if job.stage.pool else None
-                    if limit is not None and pools[job.stage.pool] >= limit:
-                        index += 1
-                        continue
-                    ready.pop(index)
-                    decision = self.planner.decide(job)
-                    if decision.action is Action.SKIP:
-                        self._finish(Outcome(name, "skipped", decision), ready, waiting)
-                        continue
-                    missing = [why.path for why in decision.reasons if why.reason.name == "INPUT_MISSING"]
-                    if missing:
-                        self._fail(Outcome(name, "failed", decision, error=f"input '{missing[0]}' is missing"))
-                        stop = not self.keep_going
-                        continue
-                    resuming = self._prepare_checkpoint(job, decision) if job.stage.checkpoint else False
-                    self._prepare_outputs(job, keep=resuming)
-                    if resuming:
-                        self.resumed.add(name)
-                    self.reporter.job_started(name, job.recipe)
-                    if job.stage.pool:
-                        pools[job.stage.pool] += 1
-                    running[pool.submit(self.executor.run, job)] = (name, decision)
-                if not running:
+            while self._ready or self._running:
+                self._start_ready_jobs()
+                if not self._running:
                     break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done, _ = wait(self._running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    name, decision = running.pop(future)
-                    job = self.graph.jobs[name]
-                    if job.stage.pool:
-                        pools[job.stage.pool] -= 1
-                    if not self._complete(name, decision, future.result(), ready, waiting):
-                        stop = stop or not self.keep_going
+                    self._collect(future)
         except KeyboardInterrupt:
             self.result.status = "interrupted"
             self.executor.interrupt()
-            for future, (name, decision) in running.items():
-                result = future.result()
-                result.interrupted = True
-                self._fail(Outcome(name, "interrupted", decision, result))
+            for future, (name, phase, decision) in self._running.items():
+                if phase == "run":
+                    result = future.result()
+                    result.interrupted = True
+                    self._fail(Outcome(name, "interrupted", decision, result))
         finally:
-            pool.shutdown(wait=True)
+            self._threads.shutdown(wait=True)
+            self.locks.release_all()
             self._save_run_state()
         if self.result.status == "ok" and any(o.action in ("failed", "blocked") for o in self.result.outcomes.values()):
             self.result.status = "failed"
         return self.result
+
+    def _start_ready_jobs(self) -> None:
+        index = 0
+        while not self._stop and index < len(self._ready) and len(self._running) < self.max_jobs:
+            name = self._ready[index]
+            job = self.graph.jobs[name]
+            limit = self.graph.pipeline.pools.get(job.stage.pool) if job.stage.pool else None
+            if limit is not None and self._pools[job.stage.pool] >= limit:
+                index += 1
+                continue
+            self._ready.pop(index)
+            decision = self.planner.decide(job)
+            if decision.action is Action.SKIP:
+                self._finish(Outcome(name, "skipped", decision))
+                continue
+            self._pools[job.stage.pool] += 1
+            if self.locks.try_acquire(name):
+                self._launch(name, decision)
+            else:  # another offbuild runs this job now: wait for it, then look again
+                future = self._threads.submit(self.locks.acquire, name, self.executor.stopping)
+                self._running[future] = (name, "lock", decision)
+
+    def _launch(self, name: str, decision: Decision) -> None:
+        """With the job's lock held: re-check against the store, then start the recipe."""
+        job = self.graph.jobs[name]
+        fresh = self.store.load_job(name)
+        if not _same_record(fresh, self.planner.records.get(name)):
+            if fresh is None:
+                self.planner.records.pop(name, None)
+            else:
+                self.planner.records[name] = fresh
+            decision = self.planner.decide(job)
+            if decision.action is Action.SKIP:  # built meanwhile by another offbuild
+                self._leave(name)
+                self._finish(Outcome(name, "skipped", decision))
+                return
+        missing = [why.path for why in decision.reasons if why.reason is Reason.INPUT_MISSING]
+        if missing:
+            self._leave(name)
+            self._fail(Outcome(name, "failed", decision, error=f"input '{missing[0]}' is missing"))
+            self._stop = not self.keep_going
+            return
+        resuming = self._prepare_checkpoint(job, decision) if job.stage.checkpoint else False
+        self._prepare_outputs(job, keep=resuming)
+        if resuming:
+            self.resumed.add(name)
+        self.reporter.job_started(name, job.recipe)
+        self._running[self._threads.submit(self.executor.run, job)] = (name, "run", decision)
+
+    def _collect(self, future: Future) -> None:
+        name, phase, decision = self._running.pop(future)
+        if phase == "lock":
+            if future.result():
+                self._launch(name, decision)
+            return
+        ok = self._complete(name, decision, future.result())
+        self._leave(name)
+        if not ok:
+            self._stop = self._stop or not self.keep_going
+
+    def _leave(self, name: str) -> None:
+        """The job no longer occupies its pool slot or its lock."""
+        self._pools[self.graph.jobs[name].stage.pool] -= 1
+        self.locks.release(name)
 
     def _prepare_checkpoint(self, job, decision: Decision) -> bool:
         """Resume when a checkpoint was left by an attempt with the same stage key; otherwise
@@ -161,12 +199,16 @@ class Builder:
             if parent:
                 os.makedirs(parent, exist_ok=True)
 
-    def _complete(self, name: str, decision: Decision, result: RecipeResult, ready, waiting) -> bool:
+    def _complete(self, name: str, decision: Decision, result: RecipeResult) -> bool:
         job = self.graph.jobs[name]
         if not result.ok:
             detail = f"exit code {result.exit_code}"
             if result.attempts and result.attempts[-1].timed_out:
                 detail = f"timed out after {job.stage.timeout:g}s"
+            if len(result.attempts) > 1:
+                detail += f" after {len(result.attempts)} attempts"
+            if self.executor.is_isolated(job) and not result.interrupted:
+                detail += f"; {NETWORK_HINT}"
             self._fail(Outcome(name, "failed", decision, result, error=detail))
             return False
         outputs = {}
@@ -185,19 +227,19 @@ class Builder:
             _remove(checkpoint)
             _remove(checkpoint + ".key")
         action = "resumed" if name in self.resumed else "ran"
-        self._finish(Outcome(name, action, decision, result), ready, waiting)
+        self._finish(Outcome(name, action, decision, result))
         return True
 
-    def _finish(self, outcome: Outcome, ready: list[str], waiting: dict[str, int]) -> None:
+    def _finish(self, outcome: Outcome) -> None:
         self.result.outcomes[outcome.name] = outcome
         duration = outcome.result.duration if outcome.result else 0.0
         output = outcome.result.output() if outcome.result else ""
         self.reporter.job_finished(outcome.name, outcome.action, duration, output)
         for dependent in self.graph.dag.successors(outcome.name):
-            if dependent in waiting:
-                waiting[dependent] -= 1
-                if waiting[dependent] == 0:
-                    ready.append(dependent)
+            if dependent in self._waiting:
+                self._waiting[dependent] -= 1
+                if self._waiting[dependent] == 0:
+                    self._ready.append(dependent)
 
     def _fail(self, outcome: Outcome) -> None:
         """A failed job never counts as done: its outputs go (checkpoint stages keep them)."""
@@ -262,6 +304,12 @@ def is_stale_output(records, hasher: FileHasher):
         return path in recorded and hasher.digest(path) == recorded[path]
 
     return is_stale
+
+
+def _same_record(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (a.key, a.built_at, a.failed, a.failed_at) == (b.key, b.built_at, b.failed, b.failed_at)
 
 
 def _remove(path: str) -> None:

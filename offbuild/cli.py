@@ -39,6 +39,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clean", action="store_true", help="delete declared outputs of the targets")
     parser.add_argument("--json", action="store_true", help="print the run record as JSON")
     parser.add_argument("--run-id", metavar="ID", help="name this run")
+    parser.add_argument("--offline", choices=("auto", "strict", "off"), default="auto",
+                        help="network isolation of recipes: auto (default; warn if impossible), strict, off")
+    parser.add_argument("--lint", action="store_true",
+                        help="list Python recipe scripts that import networking modules")
     parser.add_argument("-q", dest="quiet", action="count", default=0, help="less output")
     parser.add_argument("-v", dest="verbose", action="count", default=0, help="more output")
     parser.add_argument("--version", action="version", version=f"offbuild {__version__}")

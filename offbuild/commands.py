@@ -52,14 +52,19 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int) -
     reporter = PlainReporter(len(order), verbosity, sys.stderr if args.json else sys.stdout)
     remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
     planner = Planner(project.hasher, project.records, force=args.force)
-    executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id)
-    builder = Builder(project.graph, order, project.store, project.hasher, planner, executor, reporter,
-                      jobs=args.jobs, keep_going=args.keep_going, run_id=run_id)
-    result = builder.run()
+    executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=reporter.message)
+    try:
+        if args.offline == "strict":
+            executor.spawner(isolate=True)  # refuse before anything runs
+        builder = Builder(project.graph, order, project.store, project.hasher, planner, executor, reporter,
+                          jobs=args.jobs, keep_going=args.keep_going, run_id=run_id)
+        result = builder.run()
+    finally:
+        executor.close()
     counts = result.counts()
     record = {
         "run_id": run_id, "started": iso(started_wall), "ended": iso(time.time()), "status": result.status,
-        "targets": targets or [spec.text for spec in project.targets([])], "offline": "off",
+        "targets": targets or [spec.text for spec in project.targets([])], "offline": executor.offline_status(),
         "counts": counts,
         "hashed": {"files": project.hasher.files_hashed, "bytes": project.hasher.bytes_hashed},
         "jobs": [outcome.as_record() for outcome in result.outcomes.values() if outcome.action != "skipped"],

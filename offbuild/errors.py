@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -13,9 +13,16 @@ class Location:
     file: str
     line: int
     column: int = 1
+    # The file's absolute path, so the snippet is read from the right file whatever the working
+    # directory is by the time the error is shown (`-C`, and the chdir to the project root).
+    path: str | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.column}"
+
+    def at(self, line: int, column: int) -> "Location":
+        """Another place in the same file."""
+        return Location(self.file, line, column, self.path)
 
 
 class OffbuildError(Exception):
@@ -51,10 +58,11 @@ class UsageError(OffbuildError):
 def source_snippet(location: Location) -> str | None:
     """The offending source line followed by a caret under the column, or None if unreadable."""
     try:
-        text = Path(location.file).read_text(encoding="utf-8", errors="replace")
+        text = Path(location.path or location.file).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-    lines = text.splitlines()
+    # Split as the loaders do: str.splitlines() would also break at form feeds and U+2028.
+    lines = text.removeprefix("\ufeff").replace("\r\n", "\n").split("\n")
     if not 1 <= location.line <= len(lines):
         return None
     line = lines[location.line - 1].replace("\t", " ")

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from .errors import OffbuildError
 from .model import Job
+from .sandbox import Spawner, SpawnerGone
 
 KILL_GRACE_SECONDS = 5.0
 TIMEOUT_EXIT_CODE = 124
@@ -51,19 +53,66 @@ def log_path_for(log_dir: str, job_name: str) -> str:
     return os.path.join(log_dir, quote(job_name, safe="[]-_.") + ".log")
 
 
-class LocalExecutor:
-    """Starts recipes as local processes; `interrupt()` stops every running one."""
+OFFLINE_MODES = ("auto", "strict", "off")
+NETWORK_HINT = "recipes run offline: add `network: true` to this stage if it needs the network"
 
-    def __init__(self, root: str, state_dir: str, run_id: str, environ: dict[str, str] | None = None):
+
+class LocalExecutor:
+    """Starts recipes through spawners (see spawner.py); `interrupt()` stops every running one.
+
+    Stages without `network: true` go through a spawner in an empty network namespace, unless
+    `offline` is "off"; with "auto" a system that cannot isolate gets a warning, "strict" refuses.
+    """
+
+    def __init__(self, root: str, state_dir: str, run_id: str, environ: dict[str, str] | None = None,
+                 offline: str = "auto", warn=lambda text: None):
         self.root = root
+        self.state_dir = state_dir
         self.log_dir = os.path.join(state_dir, "logs")
         self.checkpoint_dir = os.path.join(state_dir, "checkpoints")
         self.run_id = run_id
         self.environ = dict(os.environ if environ is None else environ)
+        self.offline = offline
+        self.warn = warn
         self.stopping = threading.Event()
-        self._running: dict[str, subprocess.Popen] = {}
+        self.isolation_failure: str | None = None  # why recipes could not be isolated, if they could not
+        self._spawners: dict[bool, Spawner] = {}
+        self._running: dict[str, object] = {}
         self._lock = threading.Lock()
         os.makedirs(self.log_dir, exist_ok=True)
+
+    def spawner(self, isolate: bool) -> Spawner:
+        """The spawner for isolated or networked recipes, started on first use."""
+        isolate = isolate and self.offline != "off"
+        with self._lock:
+            if isolate not in self._spawners:
+                spawner = Spawner(isolate)
+                if isolate and not spawner.isolated:
+                    self.isolation_failure = spawner.reason
+                    if self.offline == "strict":
+                        spawner.close()
+                        raise OffbuildError(f"--offline=strict: cannot isolate recipes from the network"
+                                            f" ({spawner.reason})")
+                    self.warn(f"offbuild: warning: recipes are NOT network-isolated here ({spawner.reason});"
+                              " --offline=strict refuses to run in that case")
+                self._spawners[isolate] = spawner
+            return self._spawners[isolate]
+
+    def offline_status(self) -> dict:
+        """For the run record: the mode asked for and whether isolation was in force."""
+        status: dict = {"mode": self.offline}
+        if self.offline != "off":
+            status["isolated"] = self.isolation_failure is None
+            if self.isolation_failure:
+                status["reason"] = self.isolation_failure
+        return status
+
+    def is_isolated(self, job: Job) -> bool:
+        return not job.stage.network and self.offline != "off" and self.isolation_failure is None
+
+    def close(self) -> None:
+        for spawner in self._spawners.values():
+            spawner.close()
 
     def checkpoint_path(self, job: Job) -> str:
         return os.path.join(self.checkpoint_dir, quote(job.name, safe="[]-_.") + ".ckpt")
@@ -74,7 +123,8 @@ class LocalExecutor:
         stage = job.stage
         started = time.monotonic()
         attempts: list[Attempt] = []
-        with open(log_path, "wb") as log:
+        open(log_path, "wb").close()  # truncate; the recipe's output is appended by the spawner
+        with open(log_path, "ab") as log:
             for number in range(1, stage.retries + 2):
                 attempt = self._attempt(job, number, log)
                 attempts.append(attempt)
@@ -98,11 +148,16 @@ class LocalExecutor:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
             env["OFFBUILD_CHECKPOINT"] = os.path.abspath(self.checkpoint_path(job))
         started = time.monotonic()
+        spawner = self.spawner(isolate=not job.stage.network)
+        log.flush()
         with self._lock:
             if self.stopping.is_set():
                 return Attempt(number, 130, 0.0)
-            process = subprocess.Popen(["sh", "-e", "-c", job.recipe], cwd=self.root, env=env, stdin=subprocess.DEVNULL,
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                process = spawner.spawn(["sh", "-e", "-c", job.recipe], self.root, env, os.path.abspath(log.name))
+            except SpawnerGone as error:
+                log.write(f"offbuild: cannot start the recipe: {error}\n".encode())
+                return Attempt(number, 127, 0.0)
             self._running[job.name] = process
         timed_out = False
         try:
@@ -131,7 +186,7 @@ class LocalExecutor:
             thread.join()
 
 
-def _terminate_group(process: subprocess.Popen) -> None:
+def _terminate_group(process) -> None:
     """SIGTERM the whole group, SIGKILL it if still alive after the grace period."""
     for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
         try:

@@ -11,7 +11,7 @@ STAGE_FIELDS = (
     "in", "out", "run", "doc", "after", "env", "checkpoint", "retries", "backoff",
     "retry-on", "timeout", "pool", "network", "always",
 )
-_REFERENCE = re.compile(r"\$(?:(\$)|\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_REFERENCE = re.compile(r"\$(?:(\$)|\{([^}\n]*)\}|([A-Za-z_][A-Za-z0-9_]*)|(\{))")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _JOB_VARIABLE = re.compile(r"(?:in|out)\d*\Z|stage\Z|stem\Z")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\Z")
@@ -32,10 +32,10 @@ class Text:
         line_index = self.value.count("\n", 0, offset)
         if line_index == 0:
             loc = self.location
-            return Location(loc.file, loc.line, loc.column + offset) if loc.line else loc
+            return loc.at(loc.line, loc.column + offset) if loc.line else loc
         start = self.line_starts[line_index - 1] if line_index <= len(self.line_starts) else self.location
         column_offset = offset - self.value.rfind("\n", 0, offset) - 1
-        return Location(start.file, start.line, start.column + column_offset)
+        return start.at(start.line, start.column + column_offset)
 
     def words(self) -> list["Text"]:
         """The whitespace-separated words of a one-line value, each with its own location."""
@@ -52,6 +52,8 @@ def expand(text: Text, variables: dict[str, str], job_variables: bool = False) -
         if match.group(1):
             parts.append("$")
             continue
+        if match.group(4):
+            raise LoadError("'${' without a closing '}' (write $${ for the shell)", text.locate(match.start()))
         name = match.group(2) if match.group(2) is not None else match.group(3)
         location = text.locate(match.start())
         if job_variables and _JOB_VARIABLE.match(name):
@@ -61,13 +63,18 @@ def expand(text: Text, variables: dict[str, str], job_variables: bool = False) -
         else:
             raise _undefined(name, location, variables, job_variables)
     parts.append(text.value[position:])
+    return list(_merge(parts))
+
+
+def _merge(parts: list[str | JobVar]) -> tuple[str | JobVar, ...]:
+    """Adjacent strings joined and empty ones dropped, so equal recipes have equal parts."""
     merged: list[str | JobVar] = []
     for part in parts:
         if isinstance(part, str) and merged and isinstance(merged[-1], str):
             merged[-1] += part
         elif part != "":
             merged.append(part)
-    return merged
+    return tuple(merged)
 
 
 def expand_string(text: Text, variables: dict[str, str]) -> str:
@@ -102,6 +109,7 @@ def parse_duration(text: str, location: Location) -> float:
 
 
 def parse_bool(text: str, location: Location, field: str) -> bool:
+    """`true`/`false` (also yes/no, on/off, 1/0), any case."""
     value = text.strip().lower()
     if value in _TRUE:
         return True
@@ -110,13 +118,15 @@ def parse_bool(text: str, location: Location, field: str) -> bool:
     raise LoadError(f"'{field}:' must be true or false, not '{text.strip()}'", location)
 
 
-def parse_int(text: str, location: Location, field: str, minimum: int = 0) -> int:
+def parse_int(text: str, location: Location, what: str, minimum: int = 0, maximum: int | None = None) -> int:
+    """A whole number in [minimum, maximum]; `what` names the value in the error (`'retries:'`)."""
     try:
         number = int(text.strip())
     except ValueError:
         number = minimum - 1
-    if number < minimum:
-        raise LoadError(f"'{field}:' must be a whole number of at least {minimum}, not '{text.strip()}'", location)
+    if number < minimum or (maximum is not None and number > maximum):
+        wanted = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+        raise LoadError(f"{what} must be a whole number {wanted}, not '{text.strip()}'", location)
     return number
 
 
@@ -131,39 +141,42 @@ class StageBuilder:
         self.values: dict = {}
         self.seen: dict[str, Location] = {}
 
-    def add(self, field: str, texts: list[Text], split_words: bool = True) -> None:
+    def add(self, field: str, texts: list[Text], field_location: Location, split_words: bool = True) -> None:
         """Add one field; `texts` are its values (one text for a Pipefile line, several for JSON lists)."""
-        location = texts[0].location if texts else self.location
+        location = texts[0].location if texts else field_location
         if field not in STAGE_FIELDS:
-            raise LoadError(f"unknown field '{field}'{did_you_mean(field, STAGE_FIELDS)}", location)
+            raise LoadError(f"unknown field '{field}'{did_you_mean(field, STAGE_FIELDS)}", field_location)
         if field in self.seen:
-            raise LoadError(f"field '{field}' given twice in stage '{self.name}' (first at {self.seen[field]})", location)
-        self.seen[field] = location
+            raise LoadError(f"field '{field}' given twice in stage '{self.name}' (first at {self.seen[field]})",
+                            field_location)
+        self.seen[field] = field_location
         if field == "run":
             parts: list[str | JobVar] = []
             for index, text in enumerate(texts):
                 parts.extend((["\n"] if index else []) + expand(text, self.variables, True))
-            self.values["recipe"] = tuple(parts)
+            self.values["recipe"] = _merge(parts)  # one segmentation, however the lines were given
             return
         if field in ("in", "out", "after"):
             self.values[{"in": "inputs", "out": "outputs", "after": "after"}[field]] = tuple(
-                self._paths(texts, split_words))
+                PathSpec(word, word_location) for word, word_location in self._words(texts, split_words))
             return
         scalar = " ".join(expand_string(text, self.variables) for text in texts)
         if field == "doc":
             self.values["doc"] = scalar.strip()
         elif field == "env":
-            names = scalar.split()
-            for env_name in names:
+            names = []
+            for env_name, word_location in self._words(texts, True):
                 if not _NAME.match(env_name):
-                    raise LoadError(f"'{env_name}' is not an environment variable name", location)
+                    raise LoadError(f"'{env_name}' is not an environment variable name", word_location)
+                names.append(env_name)
             self.values["env"] = tuple(names)
         elif field in ("checkpoint", "network", "always"):
             self.values[field] = parse_bool(scalar, location, field)
         elif field == "retries":
-            self.values["retries"] = parse_int(scalar, location, field)
+            self.values["retries"] = parse_int(scalar, location, f"'{field}:'")
         elif field == "retry-on":
-            self.values["retry_on"] = tuple(parse_int(code, location, field) for code in scalar.split())
+            self.values["retry_on"] = tuple(parse_int(code, word_location, "an exit code in 'retry-on:'", 0, 255)
+                                            for code, word_location in self._words(texts, True))
         elif field in ("timeout", "backoff"):
             self.values[field] = parse_duration(scalar, location)
         elif field == "pool":
@@ -173,12 +186,13 @@ class StageBuilder:
                                 f" (declare it at top level: pool {pool} = N)", location)
             self.values["pool"] = pool
 
-    def _paths(self, texts: list[Text], split_words: bool):
+    def _words(self, texts: list[Text], split_words: bool):
+        """(word, location) pairs after expansion; a variable holding several words gives several."""
         for text in texts:
             for word in (text.words() if split_words else [text]):
                 expanded = expand_string(word, self.variables)
                 for piece in (expanded.split() if split_words else [expanded]):
-                    yield PathSpec(piece, word.location)
+                    yield piece, word.location
 
     def build(self) -> Stage:
         """The validated stage."""

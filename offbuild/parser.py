@@ -35,6 +35,9 @@ class IndentationLexer:
         recipe_level = None
         previous = (None, None)
         for token in stream:
+            if previous == (None, None) and token.type != "_NL" and token.line == 1 and token.column > 1:
+                # An indented first line has no newline before it to measure; flag it like any other.
+                yield Token("_INDENT", "", token.start_pos, 1, token.column, 1, token.column, token.start_pos)
             yield token
             if token.type != "_NL":
                 previous = (previous[1], token.type)
@@ -67,18 +70,19 @@ def _lark() -> Lark:
                 propagate_positions=True, maybe_placeholders=False)
 
 
-def parse_tree(text: str, display_name: str) -> Tree:
-    """The lark tree of one file; syntax errors become a located `LoadError`."""
-    text = text.replace("\r\n", "\n")
+def parse_tree(text: str, origin: Location | str) -> Tree:
+    """The lark tree of one file; syntax errors become a `LoadError` located in `origin`'s file."""
+    origin = origin if isinstance(origin, Location) else Location(origin, 0, 0)
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
     if not text.endswith("\n"):
         text += "\n"
     try:
         return _lark().parse(text)
     except UnexpectedInput as error:
-        raise _syntax_error(error, display_name) from None
+        raise _syntax_error(error, origin) from None
 
 
-def _syntax_error(error: UnexpectedInput, display_name: str) -> LoadError:
+def _syntax_error(error: UnexpectedInput, origin: Location) -> LoadError:
     line, column = max(getattr(error, "line", 1) or 1, 1), max(getattr(error, "column", 1) or 1, 1)
     if isinstance(error, UnexpectedCharacters):
         message = f"unexpected character {error.char!r}"
@@ -93,17 +97,38 @@ def _syntax_error(error: UnexpectedInput, display_name: str) -> LoadError:
             found = repr(str(token).strip())
         else:
             found = "end of file"
-        expected = sorted({_TOKEN_NAMES.get(name, name) for name in error.expected})
+        parser_state = getattr(error, "interactive_parser", None)
+        # The lexer's own "expected" set is that of its state, which may lag the parser's.
+        accepted = parser_state.accepts() if parser_state is not None else error.expected
+        expected = sorted({_TOKEN_NAMES.get(name, name) for name in accepted})
         message = f"unexpected {found}; expected {' or '.join(expected)}" if expected else f"unexpected {found}"
         if token is not None and token.type == "_INDENT" and "a name" in expected:
             message = "unexpected indentation (fields belong inside a 'stage NAME:' block)"
+        elif expected == ["indented block"]:
+            message = f"unexpected {found}; expected the stage's fields, indented"
     else:
         message = str(error).splitlines()[0]
-    return LoadError(f"syntax error: {message}", Location(display_name, line, column))
+    return LoadError(f"syntax error: {message}", origin.at(line, column))
+
+
+def _decode(raw: bytes, origin: Location, included_at: Location | None) -> str:
+    """UTF-8 text, or a load error pointing at the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        line_start = raw.rfind(b"\n", 0, error.start) + 1
+        column = len(raw[line_start:error.start].decode("utf-8", errors="replace")) + 1
+        notes = (f"included at {included_at}",) if included_at else ()
+        raise LoadError(f"'{origin.file}' is not valid UTF-8 text ({error.reason} 0x{raw[error.start]:02x})",
+                        origin.at(line, column), notes) from None
 
 
 class _FileLoader:
-    """Walks the statements of a Pipefile and its includes, in order, into a `Pipeline`."""
+    """Walks the statements of a Pipefile and its includes, in order, into a `Pipeline`.
+
+    Handlers get `origin`, a `Location` naming the file being read (as shown, and its real path).
+    """
 
     def __init__(self, overrides: dict[str, str]):
         self.overrides = overrides
@@ -115,72 +140,74 @@ class _FileLoader:
         self.default_location: Location | None = None
         self.sources: list[str] = []
 
-    def load_file(self, path: str, display_name: str, including: tuple[str, ...] = (), at: Location | None = None):
+    def load_file(self, path: str, display_name: str, including: tuple[Location, ...] = (),
+                  at: Location | None = None):
+        """Load one file; `including` is the chain of files that include it, outermost first."""
         real = os.path.realpath(path)
-        if real in including:
-            raise LoadError(f"'{display_name}' includes itself", at)
+        origin = Location(display_name, 0, 0, real)
+        chain = [outer.path for outer in including]
+        if real in chain:
+            names = [outer.file for outer in including[chain.index(real):]] + [display_name]
+            raise LoadError("include cycle: " + " → ".join(names), at)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise LoadError(f"'{display_name}' is not valid UTF-8 text ({error.reason} at byte {error.start})",
-                            at) from None
+            raw = Path(path).read_bytes()
         except OSError as error:
             raise LoadError(f"cannot read '{display_name}': {error.strerror}", at) from None
+        text = _decode(raw, origin, at)
         self.sources.append(path)
-        lines = text.replace("\r\n", "\n").split("\n")
-        tree = parse_tree(text, display_name)
+        lines = text.removeprefix("\ufeff").replace("\r\n", "\n").split("\n")
+        tree = parse_tree(text, origin)
         for statement in tree.children:
             handler = getattr(self, "_" + statement.data)
-            handler(statement, display_name, lines, including + (real,), path)
+            handler(statement, origin, lines, including + (origin,), path)
 
-    def _text(self, token: Token | None, display_name: str, after: Token) -> Text:
+    def _text(self, token: Token | None, origin: Location, after: Token) -> Text:
         if token is None:
-            return Text("", Location(display_name, after.end_line, after.end_column))
+            return Text("", origin.at(after.end_line, after.end_column))
         stripped = token.value.lstrip()
         column = token.column + len(token.value) - len(stripped)
-        return Text(stripped.rstrip(), Location(display_name, token.line, column))
+        return Text(stripped.rstrip(), origin.at(token.line, column))
 
-    def _var_def(self, node: Tree, display_name: str, *_):
+    def _var_def(self, node: Tree, origin: Location, *_):
         name, value = node.children[0], (node.children[1] if len(node.children) > 1 else None)
-        location = Location(display_name, name.line, name.column)
-        check_variable_name(str(name), location)
+        check_variable_name(str(name), origin.at(name.line, name.column))
         if str(name) not in self.overrides:
-            self.variables[str(name)] = expand_string(self._text(value, display_name, name), self.variables)
+            self.variables[str(name)] = expand_string(self._text(value, origin, name), self.variables)
 
-    def _pool_def(self, node: Tree, display_name: str, *_):
+    def _pool_def(self, node: Tree, origin: Location, *_):
         name, value = node.children[0], (node.children[1] if len(node.children) > 1 else None)
-        text = self._text(value, display_name, name)
-        self.pools[str(name)] = parse_int(expand_string(text, self.variables), text.location, f"pool {name}", 1)
+        text = self._text(value, origin, name)
+        self.pools[str(name)] = parse_int(expand_string(text, self.variables), text.location,
+                                          f"the size of pool '{name}'", 1)
 
-    def _include(self, node: Tree, display_name: str, lines, including, path: str):
-        keyword_location = Location(display_name, node.meta.line, node.meta.column)
+    def _include(self, node: Tree, origin: Location, lines, including, path: str):
         value = node.children[0] if node.children else None
         if value is None:
-            raise LoadError("'include' needs a file name", keyword_location)
-        text = self._text(value, display_name, value)
+            raise LoadError("'include' needs a file name", origin.at(node.meta.line, node.meta.column))
+        text = self._text(value, origin, value)
         relative = expand_string(text, self.variables)
         target = os.path.join(os.path.dirname(path), relative)
-        shown = os.path.normpath(os.path.join(os.path.dirname(display_name), relative))
+        shown = os.path.normpath(os.path.join(os.path.dirname(origin.file), relative))
         if not os.path.isfile(target):
             raise LoadError(f"included file '{relative}' not found", text.location)
         self.load_file(target, shown, including, text.location)
 
-    def _top_field(self, node: Tree, display_name: str, *_):
+    def _top_field(self, node: Tree, origin: Location, *_):
         name, value = node.children[0], (node.children[1] if len(node.children) > 1 else None)
-        location = Location(display_name, name.line, name.column)
+        location = origin.at(name.line, name.column)
         if str(name) not in TOP_LEVEL_FIELDS:
             hint = did_you_mean(str(name), TOP_LEVEL_FIELDS + ("stage", "include", "pool"))
             raise LoadError(f"unknown statement '{name}:'{hint}", location)
         if self.default_location is not None:
             raise LoadError(f"'default:' given twice (first at {self.default_location})", location)
         self.default_location = location
-        text = self._text(value, display_name, name)
+        text = self._text(value, origin, name)
         self.default = tuple(PathSpec(expand_string(word, self.variables), word.location) for word in text.words())
 
-    def _stage(self, node: Tree, display_name: str, lines: list[str], *_):
+    def _stage(self, node: Tree, origin: Location, lines: list[str], *_):
         name_token = node.children[0]
         name = str(name_token)
-        location = Location(display_name, name_token.line, name_token.column)
+        location = origin.at(name_token.line, name_token.column)
         if name in self.stage_locations:
             raise LoadError(f"stage '{name}' is already defined at {self.stage_locations[name]}", location)
         self.stage_locations[name] = location
@@ -188,31 +215,29 @@ class _FileLoader:
         for item in node.children[1:]:
             field_token = item.children[0]
             if item.data == "run_field":
-                text = self._recipe(item, display_name, lines)
+                text = self._recipe(item, origin, lines)
             else:
                 value = item.children[1] if len(item.children) > 1 else None
-                text = self._text(value, display_name, item.children[0])
-            field_location = Location(display_name, field_token.line, field_token.column)
-            if not text.value and str(field_token) in ("run", "in", "out"):
-                text = Text("", field_location)
-            builder.add(str(field_token), [text] if text.value or str(field_token) != "run" else [])
+                text = self._text(value, origin, item.children[0])
+            field_location = origin.at(field_token.line, field_token.column)
+            builder.add(str(field_token), [text] if text.value or str(field_token) != "run" else [], field_location)
         self.stages.append(builder.build())
 
-    def _recipe(self, item: Tree, display_name: str, lines: list[str]) -> Text:
+    def _recipe(self, item: Tree, origin: Location, lines: list[str]) -> Text:
         """A one-line recipe, or the block's source lines with their common indentation removed."""
         one_line = item.children[1] if len(item.children) > 1 and isinstance(item.children[1], Token) else None
         block = item.children[-1] if isinstance(item.children[-1], Tree) else None
         if block is None:
-            return self._text(one_line, display_name, item.children[0])
+            return self._text(one_line, origin, item.children[0])
         if one_line is not None and one_line.value.strip():
             raise LoadError("'run:' has both a one-line recipe and an indented block",
-                            Location(display_name, block.meta.line, block.meta.column))
+                            origin.at(block.meta.line, block.meta.column))
         tokens = [token for token in block.children if isinstance(token, Token)]
         first, last = tokens[0].line, tokens[-1].line
         indent = min(token.column for token in tokens) - 1
         body = [line[indent:] if line[:indent].strip() == "" else line.lstrip() for line in lines[first - 1:last]]
-        starts = tuple(Location(display_name, number, indent + 1) for number in range(first + 1, last + 1))
-        return Text("\n".join(line.rstrip() for line in body), Location(display_name, first, indent + 1), starts)
+        starts = tuple(origin.at(number, indent + 1) for number in range(first + 1, last + 1))
+        return Text("\n".join(line.rstrip() for line in body), origin.at(first, indent + 1), starts)
 
 
 def load_pipefile(path: str, display_name: str, overrides: dict[str, str]) -> Pipeline:

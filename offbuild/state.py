@@ -136,6 +136,12 @@ class StateStore:
                                " run_id, failed, failed_run, failed_at FROM jobs")
         return {row[0]: JobRecord(*row[:10], bool(row[10]), row[11], row[12]) for row in rows}
 
+    def load_job(self, name: str) -> JobRecord | None:
+        """One job's record as it is now (another offbuild process may just have written it)."""
+        row = self.db.execute("SELECT name, key, recipe, inputs, outputs, env, options, built_at, duration,"
+                              " run_id, failed, failed_run, failed_at FROM jobs WHERE name = ?", (name,)).fetchone()
+        return JobRecord(*row[:10], bool(row[10]), row[11], row[12]) if row else None
+
     def load_decisions(self) -> dict[str, dict]:
         rows = self.db.execute("SELECT name, run_id, at, action, reasons FROM decisions")
         return {row[0]: {"run_id": row[1], "at": row[2], "action": row[3], "reasons": json.loads(row[4])}

@@ -1,0 +1,139 @@
+"""A small process that starts recipes for offbuild, optionally inside an empty network namespace.
+
+offbuild starts one spawner per run (`python -m offbuild.spawner [--isolate]`) and sends it
+JSON lines; every recipe it starts inherits its namespace, so isolation costs one `unshare`
+per run instead of one per recipe. When offbuild dies the spawner's stdin closes and it kills
+every recipe it started: no recipe outlives a crashed build.
+
+Protocol (one JSON object per line):
+  spawner → offbuild  {"op": "ready", "isolated": bool, "reason": str}
+  offbuild → spawner  {"op": "spawn", "id": N, "argv": [...], "cwd": str, "env": {...}, "log": path}
+  spawner → offbuild  {"op": "started", "id": N, "pid": P} | {"op": "exit", "id": N, "code": C}
+                      | {"op": "error", "id": N, "message": str}
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def isolate_network() -> str:
+    """Enter a new, empty network namespace with loopback up; '' on success, else the reason."""
+    if not sys.platform.startswith("linux"):
+        return f"network namespaces need Linux (this is {sys.platform})"
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWNET) != 0:
+        # Unprivileged users may still own a user namespace in which they may make a network one.
+        if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
+            return f"unshare failed: {os.strerror(ctypes.get_errno())}"
+        try:
+            with open("/proc/self/setgroups", "w") as handle:
+                handle.write("deny")
+            with open("/proc/self/uid_map", "w") as handle:
+                handle.write(f"{uid} {uid} 1")
+            with open("/proc/self/gid_map", "w") as handle:
+                handle.write(f"{gid} {gid} 1")
+        except OSError as error:
+            return f"cannot map ids in the user namespace: {error.strerror}"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            request = struct.pack("16sH", b"lo", 0)
+            flags = struct.unpack("16sH", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
+    except OSError as error:
+        return f"cannot bring up loopback: {error.strerror}"
+    return ""
+
+
+class _Server:
+    def __init__(self):
+        self.children: dict[int, tuple[int, subprocess.Popen]] = {}  # pid → (request id, process)
+
+    def send(self, message: dict) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    def spawn(self, request: dict) -> None:
+        try:
+            with open(request["log"], "ab") as log:
+                process = subprocess.Popen(request["argv"], cwd=request["cwd"], env=request["env"],
+                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        except OSError as error:
+            self.send({"op": "error", "id": request["id"], "message": str(error)})
+            return
+        self.children[process.pid] = (request["id"], process)
+        self.send({"op": "started", "id": request["id"], "pid": process.pid})
+
+    def reap(self) -> None:
+        for pid, (request_id, process) in list(self.children.items()):
+            if process.poll() is not None:
+                del self.children[pid]
+                self.send({"op": "exit", "id": request_id, "code": process.returncode})
+
+    def kill_all(self) -> None:
+        """offbuild is gone: nobody will record these recipes, so stop them at once."""
+        for pid in self.children:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def serve(self) -> None:
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        signal.set_wakeup_fd(wake_write)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        stdin = sys.stdin.buffer
+        pending = b""
+        while True:
+            try:
+                readable, _, _ = select.select([stdin, wake_read], [], [])
+            except InterruptedError:
+                continue
+            if wake_read in readable:
+                try:
+                    os.read(wake_read, 4096)
+                except BlockingIOError:
+                    pass
+                self.reap()
+            if stdin in readable:
+                chunk = os.read(stdin.fileno(), 65536)
+                if not chunk:
+                    self.kill_all()
+                    return
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self.spawn(json.loads(line))
+                self.reap()
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # offbuild decides what Ctrl-C stops
+    reason = isolate_network() if "--isolate" in sys.argv else "not requested"
+    server = _Server()
+    server.send({"op": "ready", "isolated": not reason, "reason": reason})
+    try:
+        server.serve()
+    except (BrokenPipeError, KeyboardInterrupt):
+        server.kill_all()
+
+
+if __name__ == "__main__":
+    main()
