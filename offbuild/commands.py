@@ -6,9 +6,11 @@ import os
 import sys
 import time
 
+from . import inspection
 from .build import Builder, dry_run, remove_stale_outputs
 from .errors import UsageError
 from .executor import LocalExecutor
+from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
 from .planner import Action, Planner
 from .records import iso, new_run_id, write_run_record
 from .reporter import PlainReporter
@@ -19,7 +21,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
     """Load the project named by `args` and run the mode the flags ask for."""
-    modes = [flag for flag in ("explain", "watch", "list", "graph", "clean") if getattr(args, flag)]
+    modes = [flag for flag in ("explain", "watch", "list", "graph", "clean", "lint") if getattr(args, flag)]
     if len(modes) > 1:
         raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
     if args.watch:
@@ -31,6 +33,8 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
         order = project.graph.select(project.targets(targets))
         project.graph.check_inputs_exist(order)
         verbosity = args.verbose - args.quiet
+        if args.lint:  # without targets, lint every stage, not just the default ones
+            return run_lint(project, order if targets else list(project.graph.jobs))
         if args.list:
             return list_stages(project, order)
         if args.graph:
@@ -38,7 +42,7 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
         if args.clean:
             return clean(project, order, args.dry_run, verbosity)
         if args.explain:
-            return explain(project, order)
+            return explain(project, order, args.explain, args.force, args.json)
         if args.dry_run:
             return show_dry_run(project, order, args.force)
         return build(project, order, args, targets, verbosity)
@@ -88,57 +92,65 @@ def show_dry_run(project, order: list[str], force: bool) -> int:
 
 
 def list_stages(project, order: list[str]) -> int:
-    graph = project.graph
-    for stage in graph.pipeline.stages:
-        jobs = graph.jobs_by_stage[stage.name]
-        doc = f"  {stage.doc}" if stage.doc else ""
-        print(f"{stage.name}{doc}")
-        if stage.pattern_input is not None:
-            for name in jobs:
-                print(f"    {name}")
+    """`--list`: every stage (and pattern job) with its doc line, inputs, outputs and state."""
+    sys.stdout.write(inspection.render_list(project))
     return EXIT_OK
 
 
 def print_graph(project, order: list[str], form: str) -> int:
-    dag = project.graph.dag.subgraph(order)
+    """`--graph[=dot|mermaid|json]`: the DAG the targets need, nodes marked by what a build would do."""
+    decisions = inspection.plan(project, order)
+    states = {name: inspection.job_state(project, decisions[name]) for name in order}
     if form == "json":
-        print(json.dumps({"nodes": order, "edges": sorted([a, b] for a, b in dag.edges)}, indent=2))
+        print(json.dumps(inspection.graph_data(project, order, states, decisions), indent=2))
     elif form == "mermaid":
-        ids = {name: f"n{index}" for index, name in enumerate(order)}
-        print("graph LR")
-        for name in order:
-            print(f'    {ids[name]}["{name}"]')
-        for a, b in sorted(dag.edges):
-            print(f"    {ids[a]} --> {ids[b]}")
+        sys.stdout.write(inspection.render_mermaid(project, order, states))
     else:
-        print("digraph offbuild {\n    rankdir=LR;")
-        for name in order:
-            print(f"    {json.dumps(name)};")
-        for a, b in sorted(dag.edges):
-            print(f"    {json.dumps(a)} -> {json.dumps(b)};")
-        print("}")
+        sys.stdout.write(inspection.render_dot(project, order, states))
     return EXIT_OK
 
 
 def clean(project, order: list[str], dry: bool, verbosity: int) -> int:
+    """`--clean`: delete the declared outputs, checkpoints and records of `order`; `-n` only lists."""
+    removals = inspection.clean_plan(project, order, STATE_DIR)
+    verb = "would remove" if dry else "removed"
     removed = 0
-    for name in order:
-        for path in project.graph.jobs[name].outputs:
-            if os.path.lexists(path):
-                removed += 1
-                print(f"{'would remove' if dry else 'removed'} {path}")
-                if not dry:
-                    from .build import _remove
-                    _remove(path)
-    if not dry:
-        project.store.forget_jobs(order)
-    print(f"offbuild: {'would remove' if dry else 'removed'} {removed} file(s)")
+    for removal in removals:
+        if removal.kept:
+            print(f"offbuild: kept {removal.path}: {removal.kept}", file=sys.stderr)
+            continue
+        if not dry:
+            inspection.remove_path(removal.path)
+        removed += 1
+        if verbosity >= 0:
+            print(f"{verb} {removal.path}" + (" (checkpoint)" if removal.kind == "checkpoint" else ""))
+    known = [name for name in order if name in project.records]
+    if known and not dry:
+        project.store.forget_jobs(known)
+    forget = "would forget" if dry else "forgot"
+    print(f"offbuild: {verb} {removed} file(s), {forget} {len(known)} job record(s)")
     return EXIT_OK
 
 
-def explain(project, order: list[str]) -> int:
-    planner = Planner(project.hasher, project.records)
-    for decision in dry_run(project.graph, order, planner):
-        verb = "will run" if decision.action is Action.RUN else "will skip"
-        print(f"{decision.job}: {verb}: {decision.describe()}")
+def explain(project, order: list[str], target: str, force: bool, as_json: bool) -> int:
+    """`--explain T`: runs nothing and writes nothing; prints the planner's reasons per job."""
+    decisions = list(inspection.plan(project, order, force).values())
+    checkpoints = {name: inspection.checkpoint_file(STATE_DIR, project.graph.jobs[name])
+                   for name in order if project.graph.jobs[name].stage.checkpoint}
+    explanations = explain_jobs(decisions, project.records, project.store.load_decisions(), checkpoints)
+    if as_json:
+        print(json.dumps(render_json(explanations, target), indent=2))
+    else:
+        sys.stdout.write(render_text(explanations, target, Paint(wants_colour(sys.stdout))))
     return EXIT_OK
+
+
+def run_lint(project, order: list[str]) -> int:
+    """Exit 1 when an offline stage's Python script imports a networking module."""
+    from .lint import lint
+
+    findings = lint([project.graph.jobs[name] for name in order])
+    for finding in findings:
+        print(finding)
+    print(f"offbuild: lint: {len(findings)} finding(s)")
+    return EXIT_FAILED if findings else EXIT_OK
