@@ -354,3 +354,17 @@ def test_lint_lists_python_scripts_importing_network_modules(project):
     result = project.run("--lint", check=1)
     assert "fetch.py:2: imports 'urllib.request' but stage 'fetch'" in result.stdout
     assert "allowed" not in result.stdout and "calm" not in result.stdout
+
+
+def test_a_checkpoint_stage_retry_resumes_from_its_checkpoint(project):
+    project.write("upper.py", RESUMABLE.replace(
+        'time.sleep(float(os.environ.get("DELAY", "0")))',
+        'time.sleep(0)\n        if number == 5 and os.environ["OFFBUILD_ATTEMPT"] == "1": sys.exit(75)'))
+    project.pipefile(RESUMABLE_PIPEFILE.format(python=sys.executable).replace(
+        "checkpoint: true", "checkpoint: true\n    retries: 2\n    backoff: 0.05s"))
+    project.write("src.txt", "".join(f"line {i}\n" for i in range(12)))
+    record = project.build()
+    assert [a["exit_code"] for a in record["jobs"][0]["attempts"]] == [75, 0]
+    log = project.read(".offbuild/logs/upper.log")
+    assert "starting at line 1\n" in log and "starting at line 6\n" in log
+    assert project.read("out.txt") == project.read("src.txt").upper()
