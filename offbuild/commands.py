@@ -13,7 +13,7 @@ from .executor import LocalExecutor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
 from .planner import Action, Planner
 from .records import iso, new_run_id, write_run_record
-from .reporter import PlainReporter
+from .reporter import make_reporter
 from .session import STATE_DIR, open_project
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
@@ -53,7 +53,8 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
 def build(project, order: list[str], args, targets: list[str], verbosity: int) -> int:
     started_wall, started = time.time(), time.monotonic()
     run_id = args.run_id or new_run_id()
-    reporter = PlainReporter(len(order), verbosity, sys.stderr if args.json else sys.stdout)
+    reporter = make_reporter(len(order), verbosity, sys.stderr if args.json else sys.stdout, parallel=args.jobs,
+                             estimates=lambda: inspection.planned_durations(project, order, args.force))
     remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
     planner = Planner(project.hasher, project.records, force=args.force)
     executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=reporter.message)
@@ -139,7 +140,7 @@ def explain(project, order: list[str], target: str, force: bool, as_json: bool) 
                    for name in order if project.graph.jobs[name].stage.checkpoint}
     explanations = explain_jobs(decisions, project.records, project.store.load_decisions(), checkpoints)
     if as_json:
-        print(json.dumps(render_json(explanations, target), indent=2))
+        print(json.dumps(render_json(explanations, target), indent=2, ensure_ascii=False))
     else:
         sys.stdout.write(render_text(explanations, target, Paint(wants_colour(sys.stdout))))
     return EXIT_OK

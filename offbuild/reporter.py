@@ -1,7 +1,12 @@
-"""Progress and output for people. It decides nothing; the builder tells it what happened."""
+"""Progress and output for people. It decides nothing; the builder tells it what happened.
+
+`PlainReporter` writes lines (pipes, CI, -q); `LiveReporter` draws live progress on a terminal.
+"""
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from typing import Protocol, TextIO
 
 
@@ -46,8 +51,34 @@ class PlainReporter:
         self._write(text + "\n")
 
     def summary(self, counts: dict, wall: float, status: str) -> None:
-        parts = [f"{counts['ran']} ran", f"{counts['skipped']} skipped", f"{counts['failed']} failed"]
-        for extra in ("resumed", "restored", "blocked"):
-            if counts.get(extra):
-                parts.append(f"{counts[extra]} {extra}")
-        self._write(f"offbuild: {status}: {', '.join(parts)} in {wall:.2f}s\n")
+        self._write(summary_line(counts, wall, status) + "\n")
+
+
+def summary_line(counts: dict, wall: float, status: str) -> str:
+    """`offbuild: done: 2 ran, 4 skipped, 0 failed in 0.31s` (plus resumed/restored/blocked when any)."""
+    parts = [f"{counts['ran']} ran", f"{counts['skipped']} skipped", f"{counts['failed']} failed"]
+    for extra in ("resumed", "restored", "blocked"):
+        if counts.get(extra):
+            parts.append(f"{counts[extra]} {extra}")
+    return f"offbuild: {status}: {', '.join(parts)} in {wall:.2f}s"
+
+
+def make_reporter(total: int, verbosity: int, stream: TextIO, *, parallel: int = 1,
+                  estimates: Callable[[], dict[str, float | None]] | None = None) -> Reporter:
+    """Live progress on a terminal (unless -q), one line per finished job anywhere else.
+
+    `estimates` (called only for the live display, as it costs a dry run) gives the jobs the build
+    is expected to run with their last recorded durations, for the ETA."""
+    if verbosity >= 0 and is_terminal(stream):
+        from .live import LiveReporter  # rich loads only here: a no-op build in CI never pays for it
+
+        return LiveReporter(total, verbosity, stream, parallel=parallel, estimates=estimates() if estimates else {})
+    return PlainReporter(total, verbosity, stream)
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """A terminal that can redraw in place (not a pipe, a file or TERM=dumb)."""
+    try:
+        return stream.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
