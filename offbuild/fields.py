@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import LoadError, Location, did_you_mean
-from .model import JOB_VARIABLES, JobVar, PathSpec, Stage
+from .errors import LoadError, Location, UsageError, did_you_mean
+from .model import JobVar, PathSpec, Stage
 
 STAGE_FIELDS = (
     "in", "out", "run", "doc", "after", "env", "checkpoint", "retries", "backoff",
@@ -91,6 +91,13 @@ def _undefined(name: str, location: Location, variables, job_variables: bool) ->
     if not hint:
         hint = f" (write $${name} if you meant the shell's variable)"
     return LoadError(f"undefined variable '{name}'{hint}", location)
+
+
+def check_overrides(overrides: dict[str, str]) -> None:
+    """Command-line `NAME=VALUE` may not set a per-job name either (`in=x` would change `$in` in paths)."""
+    for name in overrides:
+        if _JOB_VARIABLE.match(name):
+            raise UsageError(f"cannot set '{name}' on the command line: it is reserved for recipes")
 
 
 def check_variable_name(name: str, location: Location) -> None:
@@ -200,7 +207,8 @@ class StageBuilder:
         has_pattern = stage.pattern_input is not None
         for spec in stage.outputs:
             if spec.is_pattern and not has_pattern:
-                raise LoadError(f"output '{spec.text}' uses '%' but no input of stage '{self.name}' does", spec.location)
+                raise LoadError(f"output '{spec.text}' uses '%' but no input of stage '{self.name}' does",
+                                spec.location)
             if has_pattern and not spec.is_pattern:
                 raise LoadError(f"output '{spec.text}' of pattern stage '{self.name}' must contain '%'"
                                 " (otherwise every job would write the same file)", spec.location)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from .errors import LoadError, Location
-from .fields import StageBuilder, Text, check_variable_name, expand_string, parse_int
+from .fields import StageBuilder, Text, check_overrides, check_variable_name, expand_string, parse_int
 from .model import PathSpec, Pipeline
 
 
@@ -32,6 +32,16 @@ class _Locator:
 
     def string(self, value: str, start: int = 0) -> int | None:
         return self.find(re.escape(json.dumps(value)), start)
+
+    def value(self, value, start: int) -> int | None:
+        """Offset of a scalar's first character (inside the quotes for a string) at or after `start`.
+
+        Only strings written as `json.dumps` writes them are found; others fall back to their key.
+        """
+        if isinstance(value, str):
+            found = self.find(re.escape(json.dumps(value, ensure_ascii=False)), start)
+            return found + 1 if found is not None else None
+        return self.find(r"(?<![\w.])" + re.escape(json.dumps(value)) + r"(?![\w.])", start)
 
 
 def load_json(path: str, display_name: str, overrides: dict[str, str]) -> Pipeline:
@@ -61,6 +71,7 @@ def load_json(path: str, display_name: str, overrides: dict[str, str]) -> Pipeli
         raise LoadError(f"unknown key '{unknown[0]}' (expected vars, pools, stages, default)",
                         _key_location(locator, unknown[0], 0, top))
 
+    check_overrides(overrides)
     variables = dict(overrides)
     vars_at = locator.key("vars") or 0
     for name, value in _mapping(document, "vars", locator, top).items():
@@ -97,10 +108,16 @@ def load_json(path: str, display_name: str, overrides: dict[str, str]) -> Pipeli
         for field, value in entry.items():
             if field == "name":
                 continue
-            field_location = _key_location(locator, field, object_at, location)
+            key_at = locator.key(field, object_at)
+            field_location = locator.at(key_at) if key_at is not None else location
             values = value if isinstance(value, list) else [value]
             what = f"field '{field}' of stage '{name}'"
-            texts = [Text(_scalar(item, what, field_location), field_location) for item in values]
+            texts, value_from = [], key_at
+            for item in values:
+                text = _scalar(item, what, field_location)
+                item_at = locator.value(item, value_from) if value_from is not None else None
+                texts.append(Text(text, locator.at(item_at) if item_at is not None else field_location))
+                value_from = item_at + 1 if item_at is not None else None
             builder.add(field, texts, field_location, split_words=not isinstance(value, list))
         stages.append(builder.build())
 

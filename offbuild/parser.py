@@ -9,7 +9,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from .errors import LoadError, Location, did_you_mean
-from .fields import StageBuilder, Text, check_variable_name, expand_string, parse_int
+from .fields import StageBuilder, Text, check_overrides, check_variable_name, expand_string, parse_int
 from .model import PathSpec, Pipeline, Stage
 
 _TOKEN_NAMES = {
@@ -33,17 +33,20 @@ class IndentationLexer:
     def process(self, stream):
         levels = [0]
         recipe_level = None
-        previous = (None, None)
+        line_types: list[str] = []  # token types since the last newline
+        first = True
         for token in stream:
-            if previous == (None, None) and token.type != "_NL" and token.line == 1 and token.column > 1:
+            if first and token.type != "_NL" and token.column > 1:
                 # An indented first line has no newline before it to measure; flag it like any other.
                 yield Token("_INDENT", "", token.start_pos, 1, token.column, 1, token.column, token.start_pos)
+            first = False
             yield token
             if token.type != "_NL":
-                previous = (previous[1], token.type)
+                line_types.append(token.type)
                 continue
-            opens_recipe = previous == ("RUN", "COLON")
-            previous = (None, None)
+            # `run:` (even with text after it) opens a block; _FileLoader._recipe sorts out the text.
+            opens_recipe = line_types[:2] == ["RUN", "COLON"]
+            line_types = []
             tail = token.value.rsplit("\n", 1)[1]
             width = len(tail.expandtabs(8))
             if recipe_level is not None:
@@ -131,6 +134,7 @@ class _FileLoader:
     """
 
     def __init__(self, overrides: dict[str, str]):
+        check_overrides(overrides)
         self.overrides = overrides
         self.variables: dict[str, str] = dict(overrides)
         self.pools: dict[str, int] = {}
@@ -229,7 +233,8 @@ class _FileLoader:
         block = item.children[-1] if isinstance(item.children[-1], Tree) else None
         if block is None:
             return self._text(one_line, origin, item.children[0])
-        if one_line is not None and one_line.value.strip():
+        # `run:  # comment` above a block: the comment is offbuild's, as after any other field.
+        if one_line is not None and one_line.value.strip() and not one_line.value.lstrip().startswith("#"):
             raise LoadError("'run:' has both a one-line recipe and an indented block",
                             origin.at(block.meta.line, block.meta.column))
         tokens = [token for token in block.children if isinstance(token, Token)]
