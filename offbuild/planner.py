@@ -115,6 +115,8 @@ class Planner:
                 reasons.append(Why(Reason.INPUT_MISSING, path))
         if record is None or record.key is None:
             reasons.append(Why(Reason.NEVER_BUILT))
+            if record is not None and record.failed:  # tried, never succeeded: say so (and explain the checkpoint)
+                reasons.append(Why(Reason.LAST_FAILED))
         else:
             if record.failed:
                 reasons.append(Why(Reason.LAST_FAILED))
