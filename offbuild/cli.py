@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     start = os.getcwd()
+    args.invocation_dir = start  # error messages name files relative to where the user stands
     try:
         if args.directory:
             try:

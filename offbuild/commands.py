@@ -26,12 +26,13 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
         raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
     if args.watch:
         raise UsageError("--watch is not available yet in this version")
-    project = open_project(args.file, overrides)
+    project = open_project(args.file, overrides, getattr(args, "invocation_dir", None))
     try:
         if args.explain:
             targets = [args.explain] + targets
         order = project.graph.select(project.targets(targets))
-        project.graph.check_inputs_exist(order)
+        if not (args.lint or args.list or args.graph or args.clean):  # those work with sources missing
+            project.graph.check_inputs_exist(order)
         verbosity = args.verbose - args.quiet
         if args.lint:  # without targets, lint every stage, not just the default ones
             return run_lint(project, order if targets else list(project.graph.jobs))

@@ -42,14 +42,14 @@ class Project:
         return os.path.normpath(os.path.join(self.cwd_offset, text))
 
 
-def open_project(pipefile: str, overrides: dict[str, str]) -> Project:
+def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | None = None) -> Project:
     """Load the pipeline, chdir to its directory, open the state and build the job graph."""
     if not os.path.isfile(pipefile):
         hint = "" if os.path.exists(pipefile) else " (use -f FILE or -C DIR to point at one)"
         raise UsageError(f"no pipeline file '{pipefile}'{hint}")
     start = os.getcwd()
     root = os.path.dirname(os.path.abspath(pipefile))
-    display = os.path.relpath(os.path.abspath(pipefile), start) if not os.path.isabs(pipefile) else pipefile
+    display = os.path.relpath(os.path.abspath(pipefile), shown_from or start) if not os.path.isabs(pipefile) else pipefile
     loader = load_json if pipefile.endswith(".json") else load_pipefile
     pipeline = loader(os.path.abspath(pipefile), display, overrides)
     os.chdir(root)

@@ -380,10 +380,6 @@ def test_error_shows_the_right_file_with_dash_C(project):
     assert lines[1:3] == ["    ouput: x", "    ^"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "outside the parser: session.open_project names the Pipefile relative to the -C directory, but cli.main "
-    "chdirs back to where the user started before printing, so the message says 'Pipefile:2:5' and a tool "
-    "reading it from the user's directory opens ./Pipefile, a different file"))
 def test_dash_C_error_names_the_file_relative_to_where_the_user_stands(project):
     project.write("Pipefile", "# a different Pipefile, up here\nx = 1\n")
     project.write("sub/Pipefile", "stage a:\n    ouput: x\n    run: true\n")
