@@ -153,7 +153,8 @@ def render_mermaid(project, order: list[str], states: dict[str, str]) -> str:
         lines.append(f'    {ids[name]}["{label}"]:::{_CLASSES[states[name]]}')
     for edge in graph_edges(project.graph, order):
         if edge.files:
-            lines.append(f'    {ids[edge.upstream]} -->|"{_mermaid_text(_edge_label(edge.files))}"| {ids[edge.downstream]}')
+            label = _mermaid_text(_edge_label(edge.files))
+            lines.append(f'    {ids[edge.upstream]} -->|"{label}"| {ids[edge.downstream]}')
         else:
             lines.append(f"    {ids[edge.upstream]} -.-> {ids[edge.downstream]}")
     for state, css in _CLASSES.items():

@@ -101,10 +101,8 @@ class LiveReporter:
             work += seconds
         return work / min(self.parallel, len(self.expected))
 
-    def _panel(self):
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
+    def _panel(self) -> Group:
+        """The live part: a bar with counts, times and ETA, then the running jobs."""
         with self._lock:
             now = self.clock()
             running = sorted(self.running.items(), key=lambda item: item[1])
@@ -120,7 +118,8 @@ class LiveReporter:
         for name, since in shown:
             guess = expected.get(name)
             typical = f" / ~{_clock(guess)}" if guess is not None else ""
-            rows.append(Text.assemble(("  ▸ ", "yellow"), (name, "bold"), (f"  {_clock(now - since)}{typical}", "dim")))
+            times = f"  {_clock(now - since)}{typical}"
+            rows.append(Text.assemble(("  ▸ ", "yellow"), (name, "bold"), (times, "dim")))
         if len(running) > len(shown):
             rows.append(Text(f"  … and {len(running) - len(shown)} more", style="dim"))
         return Group(*rows)
