@@ -44,6 +44,7 @@ class CheckpointState:
     size: int
     saved_at: float
     resumes: bool | None  # None: only known once the upstream jobs have rerun
+    attempt_started: float | None = None  # when the attempt that left it began (its `.key` file)
 
 
 @dataclass(slots=True)
@@ -145,14 +146,15 @@ def _checkpoint_state(path: str, decision: Decision) -> CheckpointState | None:
     try:
         with open(path + ".key", encoding="utf-8") as handle:
             saved_key = handle.read()
+            started = os.fstat(handle.fileno()).st_mtime
     except OSError:
-        saved_key = None
+        saved_key, started = None, None
     upstream_pending = any(why.reason is Reason.UPSTREAM_WILL_RUN for why in decision.reasons)
     if saved_key is not None and upstream_pending:
         resumes = None
     else:
         resumes = saved_key is not None and saved_key == decision.key
-    return CheckpointState(path, info.st_size, info.st_mtime, resumes)
+    return CheckpointState(path, info.st_size, info.st_mtime, resumes, started)
 
 
 # -- wording
@@ -368,6 +370,11 @@ def _history_lines(item: Explanation, now: float) -> list[str]:
     succeeded = record is not None and record.key is not None and record.built_at is not None
     took = f", took {record.duration:.2f}s" if succeeded and record.duration is not None else ""
     lines = []
+    checkpoint = item.checkpoint
+    if checkpoint is not None and checkpoint.attempt_started is not None and (
+            last is None or last.at is None or last.at < checkpoint.attempt_started):
+        # offbuild itself was stopped (killed, power cut) before it could record the attempt
+        lines.append(f"last attempt: started {when(checkpoint.attempt_started, now)} and never finished")
     if last is not None:
         reasons = "; ".join(describe(why) for why in last.reasons) or "no reasons recorded"
         same = succeeded and last.run_id == record.run_id and last.action in ("ran", "resumed")
@@ -376,7 +383,7 @@ def _history_lines(item: Explanation, now: float) -> list[str]:
         if same:
             return lines
     elif not succeeded:
-        return ["last run: never ran"]
+        return lines or ["last run: never ran"]
     if succeeded:
         lines.append(f"last success: run {record.run_id or '?'}, {when(record.built_at, now)}{took}")
     return lines
@@ -399,8 +406,10 @@ def render_json(explanations: list[Explanation], target: str) -> dict:
         if diff:
             entry["recipe_diff"] = "\n".join(diff) + "\n"
         if item.checkpoint is not None:
+            started = item.checkpoint.attempt_started
             entry["checkpoint"] = {"path": item.checkpoint.path, "bytes": item.checkpoint.size,
-                                   "saved_at": iso(item.checkpoint.saved_at), "resumes": item.checkpoint.resumes}
+                                   "saved_at": iso(item.checkpoint.saved_at), "resumes": item.checkpoint.resumes,
+                                   "attempt_started": iso(started) if started is not None else None}
         last = item.last
         entry["last_run"] = None if last is None else {
             "action": last.action, "run_id": last.run_id, "at": iso(last.at) if last.at else None,

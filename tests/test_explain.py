@@ -308,3 +308,24 @@ def test_colour_only_on_a_terminal(project):
     result = subprocess.run([sys.executable, "-c", script], cwd=project.root, capture_output=True, timeout=60)
     assert b"\x1b[1msecond\x1b[0m" in result.stdout
     assert b"root cause" in result.stdout
+
+
+def test_an_attempt_cut_short_by_killing_offbuild_is_told_from_its_checkpoint(project):
+    project.pipefile("""
+        stage long:
+            out: long.txt
+            checkpoint: true
+            run: echo 1 > "$$OFFBUILD_CHECKPOINT"; echo part > $out; echo $$$$ > pid.txt; exec sleep 30
+    """)
+    process = subprocess.Popen([sys.executable, "-m", "offbuild"], cwd=project.root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while not (project.exists("pid.txt") and project.read("pid.txt").strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    process.kill()  # offbuild dies without recording anything
+    process.wait(timeout=20)
+    os.kill(int(project.read("pid.txt")), signal.SIGKILL)
+    long = block(explain(project, "long"), "long")
+    assert "will resume from checkpoint .offbuild/checkpoints/long.ckpt (2 bytes" in long
+    assert re.search(r"last attempt: started .* and never finished", long)
+    assert "last run: never ran" not in long
