@@ -7,7 +7,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from .executor import NETWORK_HINT, LocalExecutor, RecipeResult
+from .executor import NETWORK_HINT, NETWORK_SYMPTOMS, LocalExecutor, RecipeResult
 from .graph import BuildGraph
 from .hashing import FileHasher
 from .locks import JobLocks
@@ -194,7 +194,7 @@ class Builder:
         for path in job.outputs:
             self.hasher.forget(path)
             if not keep:
-                _remove(path)
+                self._remove_output(path)
             parent = os.path.dirname(path)
             if parent:
                 os.makedirs(parent, exist_ok=True)
@@ -207,7 +207,7 @@ class Builder:
                 detail = f"timed out after {job.stage.timeout:g}s"
             if len(result.attempts) > 1:
                 detail += f" after {len(result.attempts)} attempts"
-            if self.executor.is_isolated(job) and not result.interrupted:
+            if self.executor.is_isolated(job) and not result.interrupted and NETWORK_SYMPTOMS.search(result.output()):
                 detail += f"; {NETWORK_HINT}"
             self._fail(Outcome(name, "failed", decision, result, error=detail))
             return False
@@ -241,13 +241,19 @@ class Builder:
                 if self._waiting[dependent] == 0:
                     self._ready.append(dependent)
 
+    def _remove_output(self, path: str) -> None:
+        if self.graph.holds_source(path):
+            self.reporter.message(f"offbuild: warning: not deleting output '{path}': it holds source files")
+        else:
+            _remove(path)
+
     def _fail(self, outcome: Outcome) -> None:
         """A failed job never counts as done: its outputs go (checkpoint stages keep them)."""
         job = self.graph.jobs[outcome.name]
         self.result.outcomes[outcome.name] = outcome
         if not job.stage.checkpoint:
             for path in job.outputs:
-                _remove(path)
+                self._remove_output(path)
                 self.hasher.forget(path)
         self.store.record_failure(outcome.name, self.run_id)
         result = outcome.result
@@ -283,7 +289,7 @@ def remove_stale_outputs(graph: BuildGraph, records, hasher: FileHasher, store: 
     their content is still what offbuild wrote; hand-edited ones are kept. Vanished jobs are forgotten."""
     for name, record in records.items():
         for path, digest in record.outputs.items():
-            if path in graph.producer:
+            if path in graph.producer or graph.holds_source(path):
                 continue
             if hasher.digest(path) == digest:
                 _remove(path)

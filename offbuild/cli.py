@@ -13,6 +13,7 @@ from . import __version__
 from .errors import OffbuildError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+GRAPH_FORMATS = ("dot", "mermaid", "json")
 _OVERRIDE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)\Z", re.S)
 
 
@@ -34,8 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--explain", metavar="T", help="why T and each stage it needs would run or skip")
     parser.add_argument("--watch", action="store_true", help="build, then rebuild what a change affects")
     parser.add_argument("--list", action="store_true", help="stages with their doc lines")
-    parser.add_argument("--graph", nargs="?", const="dot", choices=("dot", "mermaid", "json"),
-                        help="print the DAG (default DOT)")
+    parser.add_argument("--graph", nargs="?", const="dot", metavar="dot|mermaid|json",
+                        help="print the DAG of what the targets need (default DOT)")
     parser.add_argument("--clean", action="store_true", help="delete declared outputs of the targets")
     parser.add_argument("--json", action="store_true", help="print the run record as JSON")
     parser.add_argument("--run-id", metavar="ID", help="name this run")
@@ -93,6 +94,9 @@ def _dispatch(args) -> int:
     from .records import RUN_ID
 
     overrides, targets = {}, []
+    if args.graph and args.graph not in GRAPH_FORMATS:  # `--graph report`: a target, not a format
+        args.items.insert(0, args.graph)
+        args.graph = "dot"
     for item in args.items:
         match = _OVERRIDE.match(item)
         if match:

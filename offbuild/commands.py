@@ -26,7 +26,9 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
         raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
     if args.watch:
         raise UsageError("--watch is not available yet in this version")
-    project = open_project(args.file, overrides, getattr(args, "invocation_dir", None))
+    # Only a build or --clean may write; the others look without touching the disk.
+    readonly = bool(args.explain or args.dry_run or args.list or args.graph or args.lint) and not args.clean
+    project = open_project(args.file, overrides, getattr(args, "invocation_dir", None), readonly)
     try:
         if args.explain:
             targets = [args.explain] + targets

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -48,6 +49,11 @@ class RecipeResult:
             return ""
 
 
+def checkpoint_path_for(state_dir: str, job_name: str) -> str:
+    """Where a checkpoint stage's job keeps its checkpoint (`<path>.key` holds the stage key)."""
+    return os.path.join(state_dir, "checkpoints", quote(job_name, safe="[]-_.") + ".ckpt")
+
+
 def log_path_for(log_dir: str, job_name: str) -> str:
     """One log per job, its name made safe for a file name (`shout[a/b]` → `shout[a%2Fb]`)."""
     return os.path.join(log_dir, quote(job_name, safe="[]-_.") + ".log")
@@ -55,6 +61,11 @@ def log_path_for(log_dir: str, job_name: str) -> str:
 
 OFFLINE_MODES = ("auto", "strict", "off")
 NETWORK_HINT = "recipes run offline: add `network: true` to this stage if it needs the network"
+# What failed network access looks like in a log; only then is NETWORK_HINT worth showing.
+NETWORK_SYMPTOMS = re.compile(
+    r"network is unreachable|connection refused|temporary failure in name resolution|name or service not known"
+    r"|could not resolve|getaddrinfo|no address associated|name resolution|failed to establish a new connection"
+    r"|no route to host|nodename nor servname", re.I)
 
 
 class LocalExecutor:
@@ -115,7 +126,7 @@ class LocalExecutor:
             spawner.close()
 
     def checkpoint_path(self, job: Job) -> str:
-        return os.path.join(self.checkpoint_dir, quote(job.name, safe="[]-_.") + ".ckpt")
+        return checkpoint_path_for(self.state_dir, job.name)
 
     def run(self, job: Job) -> RecipeResult:
         """Run the recipe, retrying as the stage allows; output goes to the job's log."""

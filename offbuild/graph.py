@@ -28,6 +28,19 @@ class BuildGraph:
     producer: dict[str, str]
     dag: nx.DiGraph
     jobs_by_stage: dict[str, list[str]] = field(default_factory=dict)
+    _sources: list[str] | None = None
+
+    def holds_source(self, path: str) -> bool:
+        """Is `path` a source (an input no job makes) or a folder containing one? Such a path is
+        never deleted, even when a stage declares it as an output folder."""
+        if self._sources is None:
+            self._sources = sorted({p for job in self.jobs.values() for p in job.inputs if p not in self.producer})
+        index = bisect.bisect_left(self._sources, path)
+        if index < len(self._sources) and self._sources[index] == path:
+            return True
+        prefix = path.rstrip("/") + "/"
+        index = bisect.bisect_left(self._sources, prefix)
+        return index < len(self._sources) and self._sources[index].startswith(prefix)
 
     def producers_under(self, directory: str) -> list[str]:
         """Jobs writing a declared output inside `directory`."""

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import types
 from dataclasses import dataclass
 
 from .build import dry_run
 from .errors import Location
-from .executor import LocalExecutor
+from .executor import checkpoint_path_for
 from .graph import BuildGraph
 from .model import Job, PathSpec
 from .planner import Action, Decision, Planner
@@ -19,9 +18,8 @@ _EVERYTHING = Location("<every stage>", 0, 0)
 
 
 def checkpoint_file(state_dir: str, job: Job) -> str:
-    """Where the executor keeps this job's checkpoint (its rule, without starting an executor)."""
-    return LocalExecutor.checkpoint_path(types.SimpleNamespace(checkpoint_dir=os.path.join(state_dir, "checkpoints")),
-                                         job)
+    """Where the executor keeps this job's checkpoint."""
+    return checkpoint_path_for(state_dir, job.name)
 
 
 def plan(project, order: list[str], force: bool = False) -> dict[str, Decision]:

@@ -42,7 +42,8 @@ class Project:
         return os.path.normpath(os.path.join(self.cwd_offset, text))
 
 
-def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | None = None) -> Project:
+def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | None = None,
+                 readonly: bool = False) -> Project:
     """Load the pipeline, chdir to its directory, open the state and build the job graph."""
     if not os.path.isfile(pipefile):
         hint = "" if os.path.exists(pipefile) else " (use -f FILE or -C DIR to point at one)"
@@ -53,7 +54,7 @@ def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | Non
     loader = load_json if pipefile.endswith(".json") else load_pipefile
     pipeline = loader(os.path.abspath(pipefile), display, overrides)
     os.chdir(root)
-    store = StateStore(os.path.join(STATE_DIR, "state.db"))
+    store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=readonly)
     hasher = FileHasher(store.load_stat_cache())
     records = store.load_jobs()
     graph = build_graph(pipeline, is_stale_output(records, hasher))

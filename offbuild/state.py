@@ -88,20 +88,43 @@ class Success:
 
 
 class StateStore:
-    """One SQLite database; `path=":memory:"` gives a throwaway store for tests."""
+    """One SQLite database; `path=":memory:"` gives a throwaway store for tests.
 
-    def __init__(self, path: str):
+    `readonly` is for commands that must change nothing on disk (`-n`, `--explain`, `--list`...):
+    the file is opened read-only, and a project without a store gets an empty one in memory.
+    """
+
+    def __init__(self, path: str, readonly: bool = False):
         self.path = path
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
-            self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
+            if readonly:
+                self.db = self._connect_readonly(path)
+            else:
+                if path != ":memory:":
+                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
         except sqlite3.DatabaseError as error:
             raise OffbuildError(f"cannot open the state database {path}: {error}"
                                 " (delete .offbuild/state.db to start afresh)") from None
+
+    def _connect_readonly(self, path: str) -> sqlite3.Connection:
+        if os.path.exists(path):
+            # Without a live writer (no -wal file) `immutable` keeps SQLite from creating -shm/-wal.
+            quiet = "" if os.path.exists(path + "-wal") else "&immutable=1"
+            db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro{quiet}", uri=True, timeout=30,
+                                 isolation_level=None, check_same_thread=False)
+            row = db.execute("SELECT version FROM schema").fetchone() if _has_schema(db) else None
+            if row and row[0] == SCHEMA_VERSION:
+                return db
+            db.close()
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        return db
 
     def _migrate(self) -> None:
         with self.transaction():
@@ -188,6 +211,10 @@ class StateStore:
         with self.transaction():
             self.db.executemany("DELETE FROM jobs WHERE name = ?", [(name,) for name in names])
             self.db.executemany("DELETE FROM decisions WHERE name = ?", [(name,) for name in names])
+
+
+def _has_schema(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema'").fetchone() is not None
 
 
 class _Transaction:

@@ -467,3 +467,43 @@ def test_ctrl_c_stops_recipes_and_exits_130(project):
     assert project.last_record()["status"] == "interrupted"
     result = subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True, text=True)
     assert result.stdout.strip() == "", "the recipe's processes must be gone"
+
+
+def test_a_source_inside_a_declared_output_folder_is_never_deleted(project):
+    project.pipefile("""
+        stage fill:
+            in:  seed.txt
+            out: data
+            run: mkdir -p data && cp seed.txt data/copy.txt
+        stage read:
+            in:  data/raw.txt
+            out: read.txt
+            run: cp $in $out
+    """)
+    project.write("seed.txt", "1\n")
+    project.write("data/raw.txt", "precious\n")
+    project.build()
+    project.write("seed.txt", "2\n")
+    project.build()
+    assert project.read("data/raw.txt") == "precious\n"
+    assert project.read("data/copy.txt") == "2\n"
+
+
+def test_list_graph_and_clean_work_with_a_source_missing(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    (project.root / "src.txt").unlink()
+    assert "first" in project.run("--list", check=0).stdout
+    assert "first" in project.run("--graph", check=0).stdout
+    project.run("--clean", check=0)
+    assert not project.exists("out/second.txt")
+    project.run(check=2)  # a build does need it
+
+
+def test_dry_run_and_explain_create_nothing(project):
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.run("-n", check=0)
+    project.run("--explain", "second", check=0)
+    assert not project.exists(".offbuild")
