@@ -12,6 +12,7 @@ from .errors import UsageError
 from .executor import LocalExecutor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
 from .planner import Action, Planner
+from .noop import build_snapshot, save_snapshot, snapshot_key
 from .records import iso, new_run_id, write_run_record
 from .reporter import make_reporter
 from .session import STATE_DIR, open_project
@@ -28,6 +29,7 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
         raise UsageError("--watch is not available yet in this version")
     # Only a build or --clean may write; the others look without touching the disk.
     readonly = bool(args.explain or args.dry_run or args.list or args.graph or args.lint) and not args.clean
+    snapshot_for = (os.path.abspath(args.file), list(targets), dict(overrides))  # before open_project's chdir
     project = open_project(args.file, overrides, getattr(args, "invocation_dir", None), readonly)
     try:
         if args.explain:
@@ -48,12 +50,15 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
             return explain(project, order, args.explain, args.force, args.json)
         if args.dry_run:
             return show_dry_run(project, order, args.force)
-        return build(project, order, args, targets, verbosity)
+        pipefile, given_targets, given_overrides = snapshot_for
+        key = snapshot_key(pipefile, given_targets, given_overrides, project.cwd_offset)
+        return build(project, order, args, targets, verbosity, key)
     finally:
         project.store.close()
 
 
-def build(project, order: list[str], args, targets: list[str], verbosity: int) -> int:
+def build(project, order: list[str], args, targets: list[str], verbosity: int,
+          snapshot_key: tuple | None = None) -> int:
     started_wall, started = time.time(), time.monotonic()
     run_id = args.run_id or new_run_id()
     reporter = make_reporter(len(order), verbosity, sys.stderr if args.json else sys.stdout, parallel=args.jobs,
@@ -79,6 +84,8 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int) -
         "skipped": [outcome.name for outcome in result.outcomes.values() if outcome.action == "skipped"],
     }
     write_run_record(STATE_DIR, record)
+    all_skipped = result.status == "ok" and not args.force and snapshot_key is not None
+    save_snapshot(STATE_DIR, build_snapshot(snapshot_key, project, order, record["targets"]) if all_skipped else None)
     reporter.summary(counts, time.monotonic() - started, {"ok": "done"}.get(result.status, result.status))
     if args.json:
         print(json.dumps(record, indent=2))

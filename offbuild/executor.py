@@ -112,8 +112,8 @@ class LocalExecutor:
     def offline_status(self) -> dict:
         """For the run record: the mode asked for and whether isolation was in force."""
         status: dict = {"mode": self.offline}
-        if self.offline != "off":
-            status["isolated"] = self.isolation_failure is None
+        if self.offline != "off":  # None: no recipe needed isolating in this run
+            status["isolated"] = (self.isolation_failure is None) if True in self._spawners else None
             if self.isolation_failure:
                 status["reason"] = self.isolation_failure
         return status

@@ -1,7 +1,9 @@
 """Turn raw field text into typed model values; shared by the Pipefile and JSON loaders."""
 from __future__ import annotations
 
+import os
 import re
+import time
 from dataclasses import dataclass
 
 from .errors import LoadError, Location, UsageError, did_you_mean
@@ -217,3 +219,10 @@ class StageBuilder:
         if stage.outputs and not stage.recipe:
             raise LoadError(f"stage '{self.name}' declares outputs but has no 'run:'", self.location)
         return stage
+
+
+def source_stat(path: str) -> tuple[str, int, int, int, int, int]:
+    """What a source file looked like just before it was read (for the no-op fast path)."""
+    taken = time.time_ns()
+    st = os.stat(path)
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, taken)

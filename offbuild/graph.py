@@ -6,6 +6,7 @@ import functools
 import os
 import re
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ class BuildGraph:
     producer: dict[str, str]
     dag: nx.DiGraph
     jobs_by_stage: dict[str, list[str]] = field(default_factory=dict)
+    listed_folders: dict[str, tuple[int, int, int, int] | None] = field(default_factory=dict)
     _sources: list[str] | None = None
 
     def holds_source(self, path: str) -> bool:
@@ -105,22 +107,40 @@ def normalize(path: str) -> str:
 
 
 class _FileLister:
-    """Existing files under a directory, listed once per build and shared by every pattern."""
+    """Existing files under a directory, listed once per build and shared by every pattern.
+
+    Each folder's stat is taken before it is read, so a later change to its entries shows as a
+    different stat: the no-op fast path (noop.py) relies on that.
+    """
 
     def __init__(self, is_stale: Callable[[str], bool]):
         self.cache: dict[str, list[str]] = {}
         self.is_stale = is_stale
+        # folder → (mtime_ns, ino, ctime_ns, when taken), or None when it does not exist
+        self.folders: dict[str, tuple[int, int, int, int] | None] = {}
 
     def under(self, directory: str) -> list[str]:
         if directory not in self.cache:
             found = []
-            for root, dirs, files in os.walk(directory or "."):
-                dirs[:] = sorted(d for d in dirs if d not in _IGNORED_DIRS)
-                for name in files:
-                    path = normalize(os.path.join(root, name))
-                    if not self.is_stale(path):
+            pending = [directory or "."]
+            while pending:
+                folder = pending.pop()
+                try:
+                    taken = time.time_ns()
+                    st = os.stat(folder)
+                    entries = list(os.scandir(folder))
+                except (FileNotFoundError, NotADirectoryError):
+                    self.folders[folder] = None
+                    continue
+                self.folders[folder] = (st.st_mtime_ns, st.st_ino, st.st_ctime_ns, taken)
+                for entry in entries:
+                    path = normalize(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name not in _IGNORED_DIRS:
+                            pending.append(path)
+                    elif not self.is_stale(path):
                         found.append(path)
-            self.cache[directory] = found
+            self.cache[directory] = sorted(found)
         return self.cache[directory]
 
 
@@ -225,7 +245,7 @@ def build_graph(pipeline: Pipeline, is_stale: Callable[[str], bool] = lambda pat
             jobs[job.name] = job
             jobs_by_stage[stage.name].append(job.name)
 
-    graph = BuildGraph(pipeline, jobs, producer, nx.DiGraph(), jobs_by_stage)
+    graph = BuildGraph(pipeline, jobs, producer, nx.DiGraph(), jobs_by_stage, lister.folders)
     _add_edges(graph)
     return graph
 

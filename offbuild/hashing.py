@@ -54,6 +54,11 @@ class FileHasher:
         self.fresh: dict[str, StatEntry] = {}  # new or re-taken entries, not yet saved
         self.files_hashed = 0
         self.bytes_hashed = 0
+        # The digest each path first had in this build. A path whose digest changes without
+        # `forget` (a source edited mid-build) means decisions saw two versions of it.
+        self.first_digest: dict[str, str] = {}
+        self.unstable = False
+        self.saw_directory = False
 
     def digest(self, path: str) -> str | None:
         """The content hash of a file or directory tree, or None when the path does not exist."""
@@ -65,7 +70,7 @@ class FileHasher:
             return self._tree_digest(path)
         entry = self.entries.get(path)
         if entry is not None and entry.vouches_for(st):
-            return entry.digest
+            return self._seen(path, entry.digest)
         recorded_ns = time.time_ns()  # taken before reading: a write during the read makes it racy
         digest = hash_file_contents(path, st.st_size)
         self.files_hashed += 1
@@ -73,10 +78,17 @@ class FileHasher:
         new = StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest, recorded_ns)
         self.entries[path] = new
         self.fresh[path] = new
+        return self._seen(path, digest)
+
+    def _seen(self, path: str, digest: str) -> str:
+        first = self.first_digest.setdefault(path, digest)
+        if first != digest:
+            self.unstable = True
         return digest
 
     def _tree_digest(self, directory: str) -> str:
         """A directory counts its whole tree: relative names and contents, in sorted order."""
+        self.saw_directory = True
         lines = []
         for root, dirs, files in os.walk(directory):
             dirs.sort()
@@ -89,6 +101,7 @@ class FileHasher:
         """Drop what is known about a path a recipe is about to rewrite."""
         self.entries.pop(path, None)
         self.fresh.pop(path, None)
+        self.first_digest.pop(path, None)
 
     def take_fresh(self) -> dict[str, StatEntry]:
         """New entries since the last call, for saving."""

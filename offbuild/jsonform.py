@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from .errors import LoadError, Location
-from .fields import StageBuilder, Text, check_overrides, check_variable_name, expand_string, parse_int
+from .fields import StageBuilder, source_stat, Text, check_overrides, check_variable_name, expand_string, parse_int
 from .model import PathSpec, Pipeline
 
 
@@ -48,6 +48,7 @@ def load_json(path: str, display_name: str, overrides: dict[str, str]) -> Pipeli
     """Load `{"vars": {...}, "pools": {...}, "stages": [...], "default": [...]}`."""
     origin = Location(display_name, 0, 0, os.path.realpath(path))
     try:
+        stat_before_reading = source_stat(path)
         data = Path(path).read_bytes()
     except OSError as error:
         raise LoadError(f"cannot read '{display_name}': {error.strerror}") from None
@@ -133,7 +134,8 @@ def load_json(path: str, display_name: str, overrides: dict[str, str]) -> Pipeli
         target = _scalar(target, '"default"', default_location)
         target_at = locator.string(target, default_at or 0)
         targets.append(PathSpec(target, locator.at(target_at) if target_at is not None else default_location))
-    return Pipeline(stages=tuple(stages), default=tuple(targets), pools=pools, variables=variables, sources=(path,))
+    return Pipeline(stages=tuple(stages), default=tuple(targets), pools=pools, variables=variables, sources=(path,),
+                    source_stats=(stat_before_reading,))
 
 
 def _key_location(locator: _Locator, key: str, start: int, fallback: Location) -> Location:

@@ -69,6 +69,8 @@ class Pipeline:
     pools: dict[str, int] = field(default_factory=dict)
     variables: dict[str, str] = field(default_factory=dict)
     sources: tuple[str, ...] = ()  # the Pipefile and every included file
+    # (path, size, mtime_ns, ino, ctime_ns, when taken) of each source, taken before reading it
+    source_stats: tuple[tuple[str, int, int, int, int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

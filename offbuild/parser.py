@@ -9,7 +9,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from .errors import LoadError, Location, did_you_mean
-from .fields import StageBuilder, Text, check_overrides, check_variable_name, expand_string, parse_int
+from .fields import StageBuilder, Text, source_stat, check_overrides, check_variable_name, expand_string, parse_int
 from .model import PathSpec, Pipeline, Stage
 
 _TOKEN_NAMES = {
@@ -143,6 +143,7 @@ class _FileLoader:
         self.default: tuple[PathSpec, ...] = ()
         self.default_location: Location | None = None
         self.sources: list[str] = []
+        self.source_stats: list[tuple] = []
 
     def load_file(self, path: str, display_name: str, including: tuple[Location, ...] = (),
                   at: Location | None = None):
@@ -154,6 +155,7 @@ class _FileLoader:
             names = [outer.file for outer in including[chain.index(real):]] + [display_name]
             raise LoadError("include cycle: " + " → ".join(names), at)
         try:
+            self.source_stats.append(source_stat(path))
             raw = Path(path).read_bytes()
         except OSError as error:
             raise LoadError(f"cannot read '{display_name}': {error.strerror}", at) from None
@@ -250,4 +252,5 @@ def load_pipefile(path: str, display_name: str, overrides: dict[str, str]) -> Pi
     loader = _FileLoader(overrides)
     loader.load_file(path, display_name)
     return Pipeline(stages=tuple(loader.stages), default=loader.default, pools=loader.pools,
-                    variables=loader.variables, sources=tuple(loader.sources))
+                    variables=loader.variables, sources=tuple(loader.sources),
+                    source_stats=tuple(loader.source_stats))

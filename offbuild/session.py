@@ -27,6 +27,7 @@ class Project:
     records: dict[str, JobRecord]
     graph: BuildGraph
     cwd_offset: str  # where the user stood, relative to the root, for path targets
+    start_generation: int = 0  # the store's generation when the records were read
 
     def targets(self, names: list[str]) -> list[PathSpec]:
         """The command line's targets, else `default:`, else every stage."""
@@ -55,7 +56,8 @@ def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | Non
     pipeline = loader(os.path.abspath(pipefile), display, overrides)
     os.chdir(root)
     store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=readonly)
+    start_generation = store.generation()  # read before the records: a later write shows as a new generation
     hasher = FileHasher(store.load_stat_cache())
     records = store.load_jobs()
     graph = build_graph(pipeline, is_stale_output(records, hasher))
-    return Project(pipeline, store, hasher, records, graph, os.path.relpath(start, root))
+    return Project(pipeline, store, hasher, records, graph, os.path.relpath(start, root), start_generation)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .errors import OffbuildError
 from .hashing import StatEntry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     options TEXT,         -- JSON of the other key parts (network, checkpoint)
     built_at REAL, duration REAL, run_id TEXT,
     failed INTEGER NOT NULL DEFAULT 0, failed_run TEXT, failed_at REAL);
+CREATE TABLE IF NOT EXISTS generation (value INTEGER NOT NULL);  -- bumped by every change to jobs
 CREATE TABLE IF NOT EXISTS decisions (
     name TEXT PRIMARY KEY, run_id TEXT, at REAL, action TEXT, reasons TEXT);
 """
@@ -133,7 +134,7 @@ class StateStore:
             if row and row[0] > SCHEMA_VERSION:
                 raise OffbuildError(f"{self.path} was written by a newer offbuild (schema {row[0]})")
             if row and row[0] < SCHEMA_VERSION:  # older layouts hold only caches: start afresh
-                for table in ("files", "jobs", "decisions"):
+                for table in ("files", "jobs", "decisions", "generation"):
                     self.db.execute(f"DROP TABLE IF EXISTS {table}")
             for statement in _SCHEMA.split(";"):  # executescript would commit mid-transaction
                 if statement.strip():
@@ -141,6 +142,8 @@ class StateStore:
             if not row or row[0] != SCHEMA_VERSION:
                 self.db.execute("DELETE FROM schema")
                 self.db.execute("INSERT INTO schema VALUES (?)", (SCHEMA_VERSION,))
+                self.db.execute("DELETE FROM generation")
+                self.db.execute("INSERT INTO generation VALUES (0)")
 
     def transaction(self):
         return _Transaction(self.db)
@@ -158,6 +161,14 @@ class StateStore:
         rows = self.db.execute("SELECT name, key, recipe, inputs, outputs, env, options, built_at, duration,"
                                " run_id, failed, failed_run, failed_at FROM jobs")
         return {row[0]: JobRecord(*row[:10], bool(row[10]), row[11], row[12]) for row in rows}
+
+    def generation(self) -> int:
+        """A counter bumped by every change to the jobs table: equal counters, same job records."""
+        row = self.db.execute("SELECT value FROM generation").fetchone()
+        return row[0] if row else 0
+
+    def _bump_generation(self) -> None:
+        self.db.execute("UPDATE generation SET value = value + 1")
 
     def load_job(self, name: str) -> JobRecord | None:
         """One job's record as it is now (another offbuild process may just have written it)."""
@@ -182,6 +193,7 @@ class StateStore:
                  json.dumps(success.env), json.dumps(success.options, sort_keys=True), time.time(),
                  success.duration, success.run_id))
             self._save_stat_entries(stat_entries)
+            self._bump_generation()
 
     def record_failure(self, name: str, run_id: str) -> None:
         """Mark a job failed; its last success stays for explanations but no longer counts."""
@@ -189,6 +201,7 @@ class StateStore:
             self.db.execute("INSERT OR IGNORE INTO jobs (name, key) VALUES (?, NULL)", (name,))
             self.db.execute("UPDATE jobs SET failed = 1, failed_run = ?, failed_at = ? WHERE name = ?",
                             (run_id, time.time(), name))
+            self._bump_generation()
 
     def record_decisions(self, run_id: str, decisions: list[tuple[str, str, list]]) -> None:
         """The last decision (action and reasons) per job, for `--explain`."""
@@ -211,6 +224,7 @@ class StateStore:
         with self.transaction():
             self.db.executemany("DELETE FROM jobs WHERE name = ?", [(name,) for name in names])
             self.db.executemany("DELETE FROM decisions WHERE name = ?", [(name,) for name in names])
+            self._bump_generation()
 
 
 def _has_schema(db: sqlite3.Connection) -> bool:
