@@ -15,8 +15,9 @@ from __future__ import annotations
 import marshal
 import os
 import time
+from array import array
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 SNAPSHOT_NAME = "noop.snapshot"
 RACY_NS = 2_000_000_000  # the same rule as hashing.RACY_NS; kept here so this module stays light
 
@@ -64,8 +65,11 @@ def build_snapshot(key: tuple, project, order: list[str], shown_targets: list[st
             if entry is None or entry.recorded_ns - entry.mtime_ns < RACY_NS:
                 return None
             files.append((path, (entry.size, entry.mtime_ns, entry.ino, entry.ctime_ns)))
-    return {"format": SNAPSHOT_FORMAT, "key": key, "sources": sources, "folders": folders, "files": files,
-            "env": sorted(env.items()), "generation": start_generation, "jobs": list(order),
+    # Paths as one string and stats as one int array: a 100k-file snapshot loads in milliseconds.
+    return {"format": SNAPSHOT_FORMAT, "key": key, "sources": sources, "folders": folders,
+            "file_paths": "\n".join(path for path, _ in files),
+            "file_stats": array("q", [number for _, stat in files for number in stat]).tobytes(),
+            "env": sorted(env.items()), "generation": start_generation, "jobs": "\n".join(order),
             "targets": list(shown_targets)}
 
 
@@ -93,10 +97,24 @@ def still_up_to_date(state_dir: str, key: tuple) -> list[str] | None:
         return None
     if not isinstance(snapshot, dict) or snapshot.get("format") != SNAPSHOT_FORMAT or snapshot["key"] != key:
         return None
-    for group in ("sources", "files"):
-        for path, expected in snapshot[group]:
-            if _stat_tuple(path) != expected:
-                return None
+    for path, expected in snapshot["sources"]:
+        if _stat_tuple(path) != expected:
+            return None
+    stats = array("q")
+    stats.frombytes(snapshot["file_stats"])
+    paths = snapshot["file_paths"].split("\n") if snapshot["file_paths"] else []
+    if len(stats) != 4 * len(paths):
+        return None
+    stat = os.stat
+    for index, path in enumerate(paths):
+        try:
+            st = stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        at = 4 * index
+        if (st.st_size != stats[at] or st.st_mtime_ns != stats[at + 1] or st.st_ino != stats[at + 2]
+                or st.st_ctime_ns != stats[at + 3]):
+            return None
     for path, expected in snapshot["folders"]:
         actual = _stat_tuple(path)
         if (actual is None) != (expected is None) or (actual is not None and actual[1:] != expected):
@@ -145,7 +163,7 @@ def fast_noop(args, targets: list[str], overrides: dict[str, str]) -> int | None
     from .records import iso, new_run_id, write_run_record
     from .reporter import summary_line
 
-    jobs = snapshot["jobs"]
+    jobs = snapshot["jobs"].split("\n") if snapshot["jobs"] else []
     counts = {"total": len(jobs), "ran": 0, "skipped": len(jobs), "failed": 0, "resumed": 0, "restored": 0,
               "blocked": 0}
     record = {"run_id": args.run_id or new_run_id(), "started": iso(started_wall), "ended": iso(time.time()),

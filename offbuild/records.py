@@ -30,7 +30,8 @@ def write_run_record(state_dir: str, record: dict) -> str:
     runs = os.path.join(state_dir, "runs")
     os.makedirs(runs, exist_ok=True)
     path = os.path.join(runs, f"{record['run_id']}.json")
-    write_atomically(path, json.dumps(record, indent=2) + "\n")
+    # Compact: the C encoder is ~10x faster than the indenting one on a 100k-job record.
+    write_atomically(path, json.dumps(record, separators=(",", ":")) + "\n")
     entries = [entry for entry in os.scandir(runs) if entry.name.endswith(".json")]
     if len(entries) > KEEP_RECORDS:
         entries.sort(key=lambda entry: entry.stat().st_mtime_ns)
