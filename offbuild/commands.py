@@ -26,7 +26,9 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
     if len(modes) > 1:
         raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
     if args.watch:
-        raise UsageError("--watch is not available yet in this version")
+        from .watch import watch  # watchdog is imported in watch mode only
+
+        return watch(args, targets, overrides, build)
     # Only a build or --clean may write; the others look without touching the disk.
     readonly = bool(args.explain or args.dry_run or args.list or args.graph or args.lint) and not args.clean
     snapshot_for = (os.path.abspath(args.file), list(targets), dict(overrides))  # before open_project's chdir
@@ -58,14 +60,20 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
 
 
 def build(project, order: list[str], args, targets: list[str], verbosity: int,
-          snapshot_key: tuple | None = None) -> int:
+          snapshot_key: tuple | None = None, *, run_id: str | None = None,
+          executor: LocalExecutor | None = None) -> int:
+    """One build of `order`; watch mode passes its long-lived `executor` (closed by its owner) and a run id."""
     started_wall, started = time.time(), time.monotonic()
-    run_id = args.run_id or new_run_id()
+    run_id = run_id or args.run_id or new_run_id()
     reporter = make_reporter(len(order), verbosity, sys.stderr if args.json else sys.stdout, parallel=args.jobs,
                              estimates=lambda: inspection.planned_durations(project, order, args.force))
     remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
     planner = Planner(project.hasher, project.records, force=args.force)
-    executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=reporter.message)
+    owned = executor is None
+    if owned:
+        executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=reporter.message)
+    else:
+        executor.run_id, executor.warn = run_id, reporter.message
     try:
         if args.offline == "strict":
             executor.spawner(isolate=True)  # refuse before anything runs
@@ -73,7 +81,8 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int,
                           jobs=args.jobs, keep_going=args.keep_going, run_id=run_id)
         result = builder.run()
     finally:
-        executor.close()
+        if owned:
+            executor.close()
     counts = result.counts()
     record = {
         "run_id": run_id, "started": iso(started_wall), "ended": iso(time.time()), "status": result.status,
