@@ -118,7 +118,8 @@ class _Session:
         self.observer.start()
         if self._pass(first=True) == EXIT_INTERRUPTED:
             return EXIT_INTERRUPTED
-        self._say(f"offbuild: watching {len(self.inbox.watch_set.files)} files in {len(self.watches)} folders"
+        files, folders = len(self.inbox.watch_set.files), len(self.watches)
+        self._say(f"offbuild: watching {files} file{'s' * (files != 1)} in {folders} folder{'s' * (folders != 1)}"
                   " for changes (Ctrl-C to stop)")
         while True:
             events = self.inbox.next_burst()
@@ -129,7 +130,7 @@ class _Session:
             changes = settle(events, self.inbox.watch_set, _probe)
             if not changes:
                 continue
-            self._say(header(changes, time.time()))
+            self._say(header(changes, time.time(), shown=self._shown))
             if self._pass() == EXIT_INTERRUPTED:
                 return EXIT_INTERRUPTED
 
@@ -222,6 +223,10 @@ class _Session:
     def _pipefile_argument(self) -> str:
         """The Pipefile named as the user named it (absolute or not), from the project root."""
         return self.args.file if os.path.isabs(self.args.file) else os.path.relpath(self.pipefile)
+
+    def _shown(self, path: str) -> str:
+        """A project path as the user names it, from where offbuild was started."""
+        return os.path.relpath(os.path.join(self.root, path), self.shown_from)
 
     def _relative(self, path: str) -> str:
         return normalize(os.path.relpath(path, self.root))

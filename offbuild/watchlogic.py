@@ -234,9 +234,9 @@ def settle(events: Iterable[FsEvent], watch: WatchSet, probe: Callable[[str], st
     return changes
 
 
-def header(changes: list[Change], at: float, limit: int = 3) -> str:
-    """`[14:03:07] data/input/a.txt changed, notes.md added and 2 more`."""
-    parts = [change.describe() for change in changes[:limit]]
+def header(changes: list[Change], at: float, limit: int = 3, shown: Callable[[str], str] = lambda path: path) -> str:
+    """`[14:03:07] data/input/a.txt changed, notes.md added and 2 more`; `shown` names a path for the user."""
+    parts = [Change(shown(change.path), change.what).describe() for change in changes[:limit]]
     text = ", ".join(parts)
     if len(changes) > limit:
         text += f" and {len(changes) - limit} more"

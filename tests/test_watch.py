@@ -315,3 +315,20 @@ def test_sigint_while_waiting_exits_130(project, watcher):
     watch.started()
     watch.process.send_signal(signal.SIGINT)
     assert watch.process.wait(timeout=3) == 130
+
+
+def test_a_plain_build_never_imports_watchdog(project):
+    two_chains(project)
+    project.build()
+    probe = ("import sys; from offbuild.cli import main; code = main(sys.argv[1:]);"
+             " print('watchdog' in sys.modules, code)")
+    for args in ([], ["-n"]):  # a no-op build (the fast path or not), and a dry run
+        result = subprocess.run([sys.executable, "-c", probe, *args], cwd=project.root, capture_output=True,
+                                text=True, timeout=60)
+        assert result.stdout.split()[-2:] == ["False", "0"], result.stdout + result.stderr
+
+
+def test_watch_refuses_dry_run(project):
+    two_chains(project)
+    result = project.run("--watch", "-n", check=2)
+    assert "--watch and -n cannot be combined" in result.stderr
