@@ -332,3 +332,26 @@ def test_watch_refuses_dry_run(project):
     two_chains(project)
     result = project.run("--watch", "-n", check=2)
     assert "--watch and -n cannot be combined" in result.stderr
+
+
+def test_observer_events_become_project_relative_fs_events(tmp_path):
+    from watchdog import events
+    from watchdog.events import (DirCreatedEvent, DirModifiedEvent, FileClosedEvent, FileCreatedEvent,
+                                 FileModifiedEvent, FileMovedEvent)
+
+    from offbuild.watch import _Inbox
+    from offbuild.watchlogic import Debouncer, EventKind, FsEvent
+
+    inbox = _Inbox(str(tmp_path), Debouncer())
+    at = lambda path: str(tmp_path / path)  # noqa: E731
+    assert inbox._translate(FileMovedEvent(at("d/.a.tmp"), at("d/a.txt"))) == [
+        FsEvent("d/.a.tmp", EventKind.DELETED), FsEvent("d/a.txt", EventKind.CREATED)]
+    assert inbox._translate(FileCreatedEvent(at("x"))) == [FsEvent("x", EventKind.CREATED)]
+    assert inbox._translate(FileModifiedEvent(at("d/a.txt"))) == [FsEvent("d/a.txt", EventKind.MODIFIED)]
+    assert inbox._translate(FileClosedEvent(at("d/a.txt"))) == [FsEvent("d/a.txt", EventKind.MODIFIED)]
+    assert inbox._translate(DirCreatedEvent(at("d/sub"))) == [FsEvent("d/sub", EventKind.CREATED, True)]
+    # Reading a file, listing a folder or touching a file changes no content (older watchdogs lack some).
+    quiet = [getattr(events, name) for name in ("FileOpenedEvent", "FileClosedNoWriteEvent", "FileAttribEvent")
+             if hasattr(events, name)]
+    for event in [cls(at("d/a.txt")) for cls in quiet] + [DirModifiedEvent(at("d"))]:
+        assert inbox._translate(event) == []
