@@ -101,10 +101,12 @@ class WatchSet:
         if event.kind is EventKind.LOST:
             return True
         path = event.path
-        if is_noise(path) or self._is_written(path):
+        if is_noise(path):
             return False
         if path in self.files or path in self.trees or any(a in self.trees for a in _ancestors(path)):
-            return True
+            return True  # a source, even inside a folder some stage declares as its output
+        if self._is_written(path):
+            return False
         if event.is_dir:
             return path in self._source_folders or (event.kind is EventKind.CREATED and path in self._glob_folders)
         return bool(self._matcher and self._matcher.match(path))

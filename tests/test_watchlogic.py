@@ -95,6 +95,12 @@ def test_relevance_of_file_events():
     assert [path for path in irrelevant if watch.relevant(ev(path))] == []
 
 
+def test_a_source_inside_an_output_folder_stays_relevant():
+    watch = WatchSet(files={"site/config.toml"}, written={"site"})
+    assert watch.relevant(ev("site/config.toml"))
+    assert not watch.relevant(ev("site/index.html"))
+
+
 def test_relevance_of_folder_events():
     watch = WatchSet(**WATCH)
     # Deleting a folder holding sources deletes them; creating one a glob reads is a new place to look.
