@@ -72,7 +72,8 @@ class Watcher:
         while True:
             line = self._next(deadline)
             if line is None:
-                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n" + "\n".join(self.output))
+                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
+                                     + "\n".join(self.output))
             got.append(line)
             if re.search(pattern, line):
                 return got
