@@ -70,7 +70,7 @@ class IndentationLexer:
 def _lark() -> Lark:
     grammar = (Path(__file__).parent / "grammar.lark").read_text()
     return Lark(grammar, parser="lalr", lexer="contextual", postlex=IndentationLexer(),
-                propagate_positions=True, maybe_placeholders=False)
+                maybe_placeholders=False)
 
 
 def parse_tree(text: str, origin: Location | str) -> Tree:
@@ -187,9 +187,10 @@ class _FileLoader:
                                           f"the size of pool '{name}'", 1)
 
     def _include(self, node: Tree, origin: Location, lines, including, path: str):
-        value = node.children[0] if node.children else None
+        keyword = node.children[0]
+        value = node.children[1] if len(node.children) > 1 else None
         if value is None:
-            raise LoadError("'include' needs a file name", origin.at(node.meta.line, node.meta.column))
+            raise LoadError("'include' needs a file name", origin.at(keyword.line, keyword.column))
         text = self._text(value, origin, value)
         relative = expand_string(text, self.variables)
         target = os.path.join(os.path.dirname(path), relative)
@@ -238,7 +239,7 @@ class _FileLoader:
         # `run:  # comment` above a block: the comment is offbuild's, as after any other field.
         if one_line is not None and one_line.value.strip() and not one_line.value.lstrip().startswith("#"):
             raise LoadError("'run:' has both a one-line recipe and an indented block",
-                            origin.at(block.meta.line, block.meta.column))
+                            origin.at(block.children[0].line, block.children[0].column))
         tokens = [token for token in block.children if isinstance(token, Token)]
         first, last = tokens[0].line, tokens[-1].line
         indent = min(token.column for token in tokens) - 1
