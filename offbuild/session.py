@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .build import is_stale_output
 from .errors import Location, UsageError
 from .graph import BuildGraph, build_graph
-from .hashing import FileHasher
+from .hashing import RACY_NS, FileHasher
 from .jsonform import load_json
 from .model import PathSpec, Pipeline
 from .parser import load_pipefile
@@ -43,9 +43,25 @@ class Project:
         return os.path.normpath(os.path.join(self.cwd_offset, text))
 
 
+def unchanged_since_read(pipeline: Pipeline) -> bool:
+    """Do the pipeline's source files still hold exactly what was parsed (settled, same stat)?"""
+    for path, size, mtime_ns, ino, ctime_ns, taken in pipeline.source_stats:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if taken - mtime_ns < RACY_NS or (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != (
+                size, mtime_ns, ino, ctime_ns):
+            return False
+    return bool(pipeline.source_stats)
+
+
 def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | None = None,
-                 readonly: bool = False) -> Project:
-    """Load the pipeline, chdir to its directory, open the state and build the job graph."""
+                 readonly: bool = False, previous: Pipeline | None = None) -> Project:
+    """Load the pipeline, chdir to its directory, open the state and build the job graph.
+
+    `previous`, a pipeline this process loaded earlier with the same arguments, is reused when
+    its files are unchanged (watch mode re-opens the project on every pass)."""
     if not os.path.isfile(pipefile):
         hint = "" if os.path.exists(pipefile) else " (use -f FILE or -C DIR to point at one)"
         raise UsageError(f"no pipeline file '{pipefile}'{hint}")
@@ -53,7 +69,10 @@ def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | Non
     root = os.path.dirname(os.path.abspath(pipefile))
     display = os.path.relpath(os.path.abspath(pipefile), shown_from or start) if not os.path.isabs(pipefile) else pipefile
     loader = load_json if pipefile.endswith(".json") else load_pipefile
-    pipeline = loader(os.path.abspath(pipefile), display, overrides)
+    if previous is not None and unchanged_since_read(previous):
+        pipeline = previous
+    else:
+        pipeline = loader(os.path.abspath(pipefile), display, overrides)
     os.chdir(root)
     store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=readonly)
     start_generation = store.generation()  # read before the records: a later write shows as a new generation

@@ -20,6 +20,7 @@ from .errors import LoadError, OffbuildError, UsageError
 from .executor import LocalExecutor
 from .graph import normalize
 from .hashing import hash_file_contents
+from .model import Pipeline
 from .records import new_run_id
 from .session import STATE_DIR, Project, open_project
 from .watchlogic import (FOLDER, Debouncer, EventKind, FsEvent, WatchSet, header, new_folders, settle,
@@ -106,6 +107,7 @@ class _Session:
         self.shown_from = getattr(args, "invocation_dir", None) or os.getcwd()
         self.passes = 0
         self.executor: LocalExecutor | None = None  # kept across passes: its spawner starts once
+        self.last_pipeline: Pipeline | None = None  # reused while its files are unchanged
         self.sources = [self.pipefile]  # the Pipefile and includes of the last load that worked
         self.inbox = _Inbox(self.root, Debouncer(QUIET_SECONDS, LONGEST_SECONDS))
         self.observer = Observer()
@@ -145,7 +147,9 @@ class _Session:
         """Load the project afresh and build; None when it could not be loaded."""
         before = {self._relative(path): _probe(path) for path in self.sources}  # before reading them
         try:
-            project = open_project(self._pipefile_argument(), self.overrides, self.shown_from)
+            project = open_project(self._pipefile_argument(), self.overrides, self.shown_from,
+                                   previous=self.last_pipeline)
+            self.last_pipeline = project.pipeline
         except OffbuildError as error:
             if first and not isinstance(error, LoadError):
                 raise  # no pipeline file, a bad command line: nothing to watch
