@@ -58,6 +58,7 @@ class Tree:
     sources: dict[str, str]
     built: bool = False
     edits: int = 0
+    last_write: float = 0.0  # time.monotonic() when a build last ended in this tree
     dead: str = ""  # why this tool is out for the rest of this shape/size
 
 
@@ -170,6 +171,7 @@ class Bench:
         log_base = os.path.join(os.path.dirname(tree.path), f"{tree.tool}.{label}")
         cmd = self.command(tree.tool, scenario)
         measurement, code, timed_out = run_timed(cmd, tree.path, self.args.timeout, log_base)
+        tree.last_write = time.monotonic()
         if timed_out:
             raise ToolFailure("TIMEOUT", f"`{' '.join(cmd)}` killed after {self.args.timeout:g}s "
                                          f"(per-run timeout; see --timeout)")
@@ -215,6 +217,13 @@ class Bench:
             handle.write(content)
         tree.sources[path] = content
 
+    def settle(self, tree: Tree) -> None:
+        """Let --settle seconds pass since this tree's last build (untimed): a no-op or an edit
+        then meets outputs that are not brand new, as in real use."""
+        delay = self.args.settle - (time.monotonic() - tree.last_write)
+        if delay > 0:
+            time.sleep(delay)
+
     def mtime(self, tree: Tree, path: str) -> int | None:
         try:
             return os.stat(os.path.join(tree.path, path)).st_mtime_ns
@@ -232,6 +241,7 @@ class Bench:
             tree.built = True
         elif scenario == "noop":
             self.ensure_built(tree, pipeline)
+            self.settle(tree)
             before = self.mtime(tree, generate.FINAL)
             m = self.build(tree, scenario)
             self.check_outputs(tree, pipeline)
@@ -239,6 +249,7 @@ class Bench:
                 self.warn(f"{where}: the no-op build rewrote {generate.FINAL}")
         elif scenario == "edit":
             self.ensure_built(tree, pipeline)
+            self.settle(tree)
             keep = pipeline.untouched_output
             before = self.mtime(tree, keep) if keep else None
             self.edit(tree, pipeline)
@@ -375,7 +386,7 @@ def header(args) -> str:
         f"make:     {version([args.make, '--version'])} ({args.make})",
         f"ninja:    {version([args.ninja, '--version'])} ({args.ninja})",
         f"settings: shapes={','.join(args.shapes)} sizes={','.join(map(str, args.sizes))} repeat={args.repeat} "
-        f"scenarios={','.join(args.scenarios)} jobs={args.jobs} timeout={args.timeout:g}s",
+        f"scenarios={','.join(args.scenarios)} jobs={args.jobs} timeout={args.timeout:g}s settle={args.settle:g}s",
     ]
     return "\n".join(lines)
 
@@ -404,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel jobs for full/noop/edit builds")
     parser.add_argument("--timeout", type=float, default=180.0,
                         help="per-run cap in seconds; a tool that exceeds it is marked TIMEOUT (default 180)")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds that must pass after a tree's last build before a timed noop or edit "
+                             "(default 3; 0 = right away)")
     parser.add_argument("--workdir", default=None, help="where the temporary trees go (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the generated trees")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
