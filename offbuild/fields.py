@@ -13,6 +13,7 @@ STAGE_FIELDS = (
     "in", "out", "run", "doc", "after", "env", "checkpoint", "retries", "backoff",
     "retry-on", "timeout", "pool", "network", "always",
 )
+MAX_EXPANSION = 16 << 20  # bytes one field may expand to
 _REFERENCE = re.compile(r"\$(?:(\$)|\{([^}\n]*)\}|([A-Za-z_][A-Za-z0-9_]*)|(\{))")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _JOB_VARIABLE = re.compile(r"(?:in|out)\d*\Z|stage\Z|stem\Z")
@@ -31,7 +32,7 @@ class Text:
 
     def locate(self, offset: int) -> Location:
         """The source location of character `offset` of `value`."""
-        line_index = self.value.count("\n", 0, offset)
+        line_index = self.value.count("\n", 0, offset) if self.line_starts else 0  # one line: skip the scan
         if line_index == 0:
             loc = self.location
             return loc.at(loc.line, loc.column + offset) if loc.line else loc
@@ -41,13 +42,18 @@ class Text:
 
     def words(self) -> list["Text"]:
         """The whitespace-separated words of a one-line value, each with its own location."""
-        return [Text(m.group(), self.locate(m.start())) for m in re.finditer(r"\S+", self.value)]
+        loc = self.location
+        if "\n" in self.value or not loc.line:
+            return [Text(m.group(), self.locate(m.start())) for m in re.finditer(r"\S+", self.value)]
+        # One line: columns are plain offsets (locate() would rescan the line for every word).
+        return [Text(m.group(), loc.at(loc.line, loc.column + m.start())) for m in re.finditer(r"\S+", self.value)]
 
 
 def expand(text: Text, variables: dict[str, str], job_variables: bool = False) -> list[str | JobVar]:
     """Substitute `$NAME`, `${NAME}` and `$$`; per-job names stay as JobVar when allowed."""
     parts: list[str | JobVar] = []
     position = 0
+    size = len(text.value)
     for match in _REFERENCE.finditer(text.value):
         parts.append(text.value[position:match.start()])
         position = match.end()
@@ -62,6 +68,10 @@ def expand(text: Text, variables: dict[str, str], job_variables: bool = False) -
             parts.append(JobVar(name, location))
         elif name in variables:
             parts.append(variables[name])
+            size += len(variables[name])
+            if size > MAX_EXPANSION:  # `X1 = $X0$X0`, `X2 = $X1$X1`... doubles without end
+                raise LoadError(f"expands to more than {MAX_EXPANSION >> 20} MiB (variables using variables?)",
+                                text.location)
         else:
             raise _undefined(name, location, variables, job_variables)
     parts.append(text.value[position:])

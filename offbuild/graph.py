@@ -129,7 +129,7 @@ class _FileLister:
                     taken = time.time_ns()
                     st = os.stat(folder)
                     entries = list(os.scandir(folder))
-                except (FileNotFoundError, NotADirectoryError):
+                except OSError:  # missing, not a folder, a symlink loop, a name too long: nothing to match
                     self.folders[folder] = None
                     continue
                 self.folders[folder] = (st.st_mtime_ns, st.st_ino, st.st_ctime_ns, taken)

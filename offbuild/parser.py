@@ -18,6 +18,7 @@ _TOKEN_NAMES = {
     "RECIPE": "a recipe", "COLON": "':'", "EQUAL": "'='", "RUN": "'run'", "STAGE": "'stage'",
     "INCLUDE": "'include'", "POOL": "'pool'",
 }
+MAX_INCLUDE_DEPTH = 50  # deeper is surely a mistake, and recursion has limits
 TOP_LEVEL_FIELDS = ("default",)
 
 
@@ -121,6 +122,8 @@ def _decode(raw: bytes, origin: Location, included_at: Location | None) -> str:
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         line_start = raw.rfind(b"\n", 0, error.start) + 1
+        if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            line_start = 3  # a byte-order mark is not a column
         column = len(raw[line_start:error.start].decode("utf-8", errors="replace")) + 1
         notes = (f"included at {included_at}",) if included_at else ()
         raise LoadError(f"'{origin.file}' is not valid UTF-8 text ({error.reason} 0x{raw[error.start]:02x})",
@@ -148,6 +151,8 @@ class _FileLoader:
     def load_file(self, path: str, display_name: str, including: tuple[Location, ...] = (),
                   at: Location | None = None):
         """Load one file; `including` is the chain of files that include it, outermost first."""
+        if len(including) >= MAX_INCLUDE_DEPTH:
+            raise LoadError(f"includes nested more than {MAX_INCLUDE_DEPTH} deep", at)
         real = os.path.realpath(path)
         origin = Location(display_name, 0, 0, real)
         chain = [outer.path for outer in including]
