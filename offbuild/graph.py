@@ -31,6 +31,7 @@ class BuildGraph:
     jobs_by_stage: dict[str, list[str]] = field(default_factory=dict)
     listed_folders: dict[str, tuple[int, int, int, int] | None] = field(default_factory=dict)
     _sources: list[str] | None = None
+    _sorted_outputs: list[str] | None = None
 
     def holds_source(self, path: str) -> bool:
         """Is `path` a source (an input no job makes) or a folder containing one? Such a path is
@@ -47,7 +48,9 @@ class BuildGraph:
     def producers_under(self, directory: str) -> list[str]:
         """Jobs writing a declared output inside `directory`."""
         prefix = directory.rstrip("/") + "/"
-        outputs = sorted(self.producer)
+        if self._sorted_outputs is None:
+            self._sorted_outputs = sorted(self.producer)
+        outputs = self._sorted_outputs
         start = bisect.bisect_left(outputs, prefix)
         found = []
         for path in outputs[start:]:
