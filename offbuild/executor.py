@@ -76,8 +76,9 @@ class LocalExecutor:
     """
 
     def __init__(self, root: str, state_dir: str, run_id: str, environ: dict[str, str] | None = None,
-                 offline: str = "auto", warn=lambda text: None):
+                 offline: str = "auto", warn=lambda text: None, spawner_factory=Spawner):
         self.root = root
+        self.spawner_factory = spawner_factory  # tests pass a fake that cannot isolate
         self.state_dir = state_dir
         self.log_dir = os.path.join(state_dir, "logs")
         self.checkpoint_dir = os.path.join(state_dir, "checkpoints")
@@ -97,7 +98,7 @@ class LocalExecutor:
         isolate = isolate and self.offline != "off"
         with self._lock:
             if isolate not in self._spawners:
-                spawner = Spawner(isolate)
+                spawner = self.spawner_factory(isolate)
                 if isolate and not spawner.isolated:
                     self.isolation_failure = spawner.reason
                     if self.offline == "strict":

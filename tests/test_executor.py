@@ -1,0 +1,78 @@
+"""LocalExecutor unit tests: offline modes with a spawner that cannot isolate, retries, env."""
+from __future__ import annotations
+
+import pytest
+
+from offbuild.errors import Location, OffbuildError
+from offbuild.executor import LocalExecutor
+from offbuild.model import Job, Stage
+from offbuild.sandbox import Spawner
+
+
+class NoNamespaceSpawner(Spawner):
+    """A real spawner that reports what a system without network namespaces reports."""
+
+    def __init__(self, isolate: bool):
+        super().__init__(False)
+        if isolate:
+            self.isolated, self.reason = False, "unshare failed: Operation not permitted"
+
+
+def job(recipe: str, **stage_fields) -> Job:
+    stage = Stage(name="j", location=Location("Pipefile", 1, 1), recipe=(recipe,), **stage_fields)
+    return Job(name="j", stage=stage, inputs=(), outputs=(), recipe=recipe)
+
+
+def executor(tmp_path, offline, warnings):
+    return LocalExecutor(str(tmp_path), str(tmp_path / ".offbuild"), "run-1", offline=offline,
+                         warn=warnings.append, spawner_factory=NoNamespaceSpawner)
+
+
+def test_auto_warns_once_and_records_that_isolation_was_missing(tmp_path):
+    warnings: list[str] = []
+    runner = executor(tmp_path, "auto", warnings)
+    try:
+        assert runner.run(job("true")).ok and runner.run(job("true")).ok
+    finally:
+        runner.close()
+    assert len(warnings) == 1 and "NOT network-isolated" in warnings[0]
+    assert runner.offline_status() == {"mode": "auto", "isolated": False,
+                                       "reason": "unshare failed: Operation not permitted"}
+
+
+def test_strict_refuses_to_run_without_isolation(tmp_path):
+    runner = executor(tmp_path, "strict", [])
+    try:
+        with pytest.raises(OffbuildError, match="--offline=strict"):
+            runner.spawner(isolate=True)
+    finally:
+        runner.close()
+
+
+def test_off_never_asks_for_isolation(tmp_path):
+    warnings: list[str] = []
+    runner = executor(tmp_path, "off", warnings)
+    try:
+        assert runner.run(job("true")).ok
+    finally:
+        runner.close()
+    assert warnings == [] and runner.offline_status() == {"mode": "off"}
+
+
+def test_retry_attempts_and_exit_codes(tmp_path):
+    runner = executor(tmp_path, "off", [])
+    try:
+        result = runner.run(job("echo x >> n; [ $(wc -l < n) -ge 2 ] || exit 9", retries=2, backoff=0.01))
+    finally:
+        runner.close()
+    assert result.ok and [a.exit_code for a in result.attempts] == [9, 0]
+    assert "retrying" in result.output()
+
+
+def test_death_by_signal_is_128_plus_n(tmp_path):
+    runner = executor(tmp_path, "off", [])
+    try:
+        result = runner.run(job("kill -TERM $$"))
+    finally:
+        runner.close()
+    assert result.exit_code == 143
