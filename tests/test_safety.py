@@ -253,12 +253,14 @@ stage quick{i}:
 stage slow:
     in: q0.txt q1.txt q2.txt q3.txt
     out: slow.txt
-    run: echo slow >> ran.log; touch started; sleep 30; cat $in > $out
+    run: echo slow >> ran.log; touch started; while [ -e hold ]; do sleep 0.05; done; cat $in > $out
 """)
+    project.write("hold", "")
     process = start(project, "-j", "1")
     wait_for(lambda: project.exists("started"))
     process.kill()
     process.communicate(timeout=10)
+    (project.root / "hold").unlink()
     assert project.read("ran.log").split().count("0") == 1
     record = project.build()
     assert project.ran(record) == {"slow"}, "finished jobs were saved as they finished"
