@@ -183,7 +183,7 @@ class Builder:
         except FileNotFoundError:
             resuming = False
         if not resuming:
-            _remove(checkpoint)
+            remove_path(checkpoint)
         os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
         with open(key_file, "w", encoding="utf-8") as handle:
             handle.write(decision.key)
@@ -224,8 +224,8 @@ class Builder:
         self.store.record_success(name, success, self.hasher.take_fresh())
         if job.stage.checkpoint:
             checkpoint = self.executor.checkpoint_path(job)
-            _remove(checkpoint)
-            _remove(checkpoint + ".key")
+            remove_path(checkpoint)
+            remove_path(checkpoint + ".key")
         action = "resumed" if name in self.resumed else "ran"
         self._finish(Outcome(name, action, decision, result))
         return True
@@ -245,7 +245,7 @@ class Builder:
         if self.graph.holds_source(path):
             self.reporter.message(f"offbuild: warning: not deleting output '{path}': it holds source files")
         else:
-            _remove(path)
+            remove_path(path)
 
     def _fail(self, outcome: Outcome) -> None:
         """A failed job never counts as done: its outputs go (checkpoint stages keep them)."""
@@ -292,7 +292,7 @@ def remove_stale_outputs(graph: BuildGraph, records, hasher: FileHasher, store: 
             if path in graph.producer or graph.holds_source(path):
                 continue
             if hasher.digest(path) == digest:
-                _remove(path)
+                remove_path(path)
                 hasher.forget(path)
                 reporter.message(f"offbuild: removed stale output {path} (its job '{name}' no longer makes it)")
     vanished = [name for name in records if name not in graph.jobs]
@@ -318,7 +318,8 @@ def _same_record(a, b) -> bool:
     return (a.key, a.built_at, a.failed, a.failed_at) == (b.key, b.built_at, b.failed, b.failed_at)
 
 
-def _remove(path: str) -> None:
+def remove_path(path: str) -> None:
+    """Delete a file, a link (never its target) or a directory tree; already gone is fine."""
     try:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)

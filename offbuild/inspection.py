@@ -6,7 +6,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from .build import dry_run
+from .build import dry_run, remove_path
 from .errors import Location
 from .executor import checkpoint_path_for
 from .graph import BuildGraph
@@ -237,12 +237,3 @@ def _why_kept(path: str, sources: set[str], protected: set[str]) -> str:
     return ""
 
 
-def remove_path(path: str) -> None:
-    """Delete a file, a link (never its target) or a directory tree; already gone is fine."""
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
