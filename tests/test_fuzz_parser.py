@@ -643,6 +643,7 @@ def undefined_variables(draw) -> Breakage:
     tokens, _ = draw(st.sampled_from(slots))
     name = "Undefined_" + draw(st.text(alphabet="xyz", min_size=1, max_size=3))
     index = draw(st.integers(0, len(tokens)))
+    assume(index == 0 or not render(tokens[index - 1:index])[0].endswith("$"))  # `$` + `$X` would be `$$` + `X`
     tokens.insert(index, ("var", name, draw(st.booleans())))
     printed = Printer(doc).print()
     file, line, column = printed.token_places[(id(tokens), index)]
@@ -657,11 +658,13 @@ def bad_bytes(draw) -> Breakage:
     files = {name: printed.text(name, doc.style) for name in printed.files}
     file = draw(st.sampled_from(sorted(files)))
     text = files[file].decode()
+    if text.startswith("\ufeff") and "\n" not in text:
+        text = text[1:]
     position = draw(st.integers(0, len(text)))
     if text.startswith("\ufeff"):
         # After a byte-order mark the first line's columns come out one too far:
         # test_regressions.py::test_bad_utf8_column_after_a_byte_order_mark (xfail until fixed).
-        position = max(position, text.find("\n") + 1 if "\n" in text else len(text))
+        position = max(position, text.find("\n") + 1)
     bad = draw(st.sampled_from([b"\xff", b"\xc3(", b"\x80", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xe2\x82"]))
     before = text[:position].encode()
     files[file] = before + bad + text[position:].encode()

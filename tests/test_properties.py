@@ -116,12 +116,16 @@ class StageSpec:
         return [f": v{self.version}", HANG % "pre", *TRANSFORMS[self.transform].commands, HANG % "post",
                 "echo $stage >> $LOG"]
 
-    def text(self) -> str:
-        lines = [f"stage {self.name}:", f"    in: {' '.join(self.inputs)}", f"    out: {' '.join(self.outputs)}"]
+    def text(self, style: int = 0) -> str:
+        """The stage as Pipefile text; `style` changes only layout and comments, never meaning."""
+        indent = ("    ", "  ", "\t")[style % 3]
+        comment = "  # a comment" if style % 2 else ""
+        lines = [f"stage {self.name}:{comment}", f"{indent}in: {' '.join(self.inputs)}{comment}",
+                 f"{indent}out:  {' '.join(self.outputs)}"]
         if self.block:
-            lines += ["    run:", *("        " + line for line in self.recipe_lines())]
+            lines += [f"{indent}run:{comment}", *(indent * 2 + line for line in self.recipe_lines())]
         else:
-            lines.append("    run: " + "; ".join(self.recipe_lines()))
+            lines.append(f"{indent}run: " + "; ".join(self.recipe_lines()))
         return "\n".join(lines) + "\n"
 
 
@@ -147,6 +151,7 @@ class Model:
     records: dict[str, Record] = field(default_factory=dict)
     stale: dict[str, bytes] = field(default_factory=dict)  # outputs of vanished jobs → recorded content
     serial: int = 0
+    style: int = 0  # Pipefile layout
 
     def fresh(self, prefix: str) -> str:
         self.serial += 1
@@ -159,17 +164,28 @@ class Model:
         return next((stage for stage in self.stages if path in stage.outputs), None)
 
     def pipefile(self, log: str) -> str:
-        return f"LOG = {log}\n\n" + "\n".join(stage.text() for stage in self.stages)
+        blank = "\n" * (1 + self.style % 2)
+        return f"LOG = {log}\n\n" + blank.join(stage.text(self.style) for stage in self.stages)
+
+    def inputs(self, stage: StageSpec) -> list[str]:
+        """`$in` of a stage: declared order, the glob's matches sorted, duplicates removed."""
+        paths: list[str] = []
+        for word in stage.inputs:
+            for path in sorted(self.sources) if word == GLOB else [word]:
+                if path not in paths:
+                    paths.append(path)
+        return paths
 
     def plan(self, disk: dict[str, bytes | None]) -> Plan:
         """Which jobs must run given the outputs on disk now, and what every output must hold."""
         values = dict(self.sources)
         run, records = set(), {}
         for stage in self.stages:
-            key = (stage.transform, stage.version, stage.block, tuple((path, values[path]) for path in stage.inputs),
+            inputs = self.inputs(stage)
+            key = (stage.transform, stage.version, stage.block, tuple((path, values[path]) for path in inputs),
                    tuple(stage.outputs))
             written = dict(zip(stage.outputs, TRANSFORMS[stage.transform].compute(
-                b"".join(values[path] for path in stage.inputs))))
+                b"".join(values[path] for path in inputs))))
             record = self.records.get(stage.name)
             if (record is None or record.key != key
                     or any(disk.get(path) != record.outputs[path] for path in stage.outputs if path in record.outputs)):
@@ -186,6 +202,7 @@ class Model:
 # --------------------------------------------------------------------------- generating pipelines
 
 CONTENT = st.text(alphabet="abAB \n", max_size=14).map(str.encode)
+GLOB = "src/*.txt"  # every source: sources live in src/, outputs in out/
 SHAPES = ("chain", "fan", "diamond", "layers", "random")
 
 
@@ -221,8 +238,8 @@ def pipelines(draw) -> Model:
                 inputs = list(previous)
             else:
                 inputs = draw(st.lists(st.sampled_from(previous), min_size=1, max_size=len(previous), unique=True))
-            if draw(st.integers(0, 4)) == 0:  # now and then a source joins in
-                extra = draw(st.sampled_from(sorted(sources)))
+            if draw(st.integers(0, 4)) == 0:  # now and then a source joins in, or all of them
+                extra = draw(st.sampled_from(sorted(sources) + [GLOB]))
                 inputs += [extra] if extra not in inputs else []
             outputs = [f"out/{name}.txt", f"out/{name}.2.txt"][:TRANSFORMS[transform].outputs]
             model.stages.append(StageSpec(name, inputs, outputs, transform, block=draw(st.booleans())))
@@ -231,9 +248,9 @@ def pipelines(draw) -> Model:
     return model
 
 
-EDIT_KINDS = ("source", "same_size", "save_unchanged", "touch", "recipe", "transform", "delete_output",
-              "hand_edit_output", "rewrite_output", "add_input", "remove_input", "reorder_inputs", "add_source",
-              "add_stage", "remove_stage", "rename_output")
+EDIT_KINDS = ("source", "same_size", "save_unchanged", "touch", "touch_output", "recipe", "transform",
+              "delete_output", "hand_edit_output", "rewrite_output", "add_input", "remove_input", "reorder_inputs",
+              "add_source", "delete_source", "add_stage", "remove_stage", "rename_output", "reformat", "age")
 
 
 @dataclass(frozen=True)
@@ -253,7 +270,7 @@ class Step:
     kill: tuple[int, str] | None  # interrupt the build in a job that must run: (which, "pre"|"post")
 
 
-STEPS = st.builds(Step, st.lists(EDITS, min_size=0, max_size=2).map(tuple),
+STEPS = st.builds(Step, st.lists(EDITS, min_size=1, max_size=3).map(tuple),
                   st.one_of(st.none(), st.none(), st.tuples(st.integers(0, 999), st.sampled_from(["pre", "post"]))))
 
 
@@ -462,13 +479,21 @@ class Scenario:
                 new = old[:position] + bytes([new_char]) + old[position + 1:]
             else:
                 new = b"a"
+            before = (self.project / source).stat()
             model.sources[source] = new
             self.write(source, new)
+            if edit.b % 2 and old:  # same size and same mtime: only the ctime tells the stat cache
+                os.utime(self.project / source, ns=(before.st_atime_ns, before.st_mtime_ns))
+        elif kind == "age":  # old enough for the stat cache to trust what it records next
+            for path in [*model.sources, *outputs]:
+                if (self.project / path).exists():
+                    stamp = (self.project / path).stat().st_mtime_ns - 10 * 10**9
+                    os.utime(self.project / path, ns=(stamp, stamp))
         elif kind == "save_unchanged":
             self.write(source, model.sources[source])
-        elif kind == "touch":
-            stamp = time.time_ns() if edit.b % 2 else 1_000_000_000 * 10**9
-            os.utime(self.project / source, ns=(stamp, stamp))
+        elif kind in ("touch", "touch_output"):
+            stamp = time.time_ns() if edit.b % 2 else 1_000_000_000 * 10**9  # now, or back in 2001
+            os.utime(self.project / (source if kind == "touch" else output), ns=(stamp, stamp))
         elif kind == "recipe":
             stage.version += 1
             stage.block ^= bool(edit.b % 2)
@@ -483,31 +508,45 @@ class Scenario:
         elif kind == "rewrite_output":
             self.write(output, self.read(output) or b"")
         elif kind == "add_input":
-            index = stages.index(stage)
-            candidates = [path for path in sources + [p for s in stages[:index] for p in s.outputs]
-                          if path not in stage.inputs]
-            if not candidates:
+            options = {s.name: [path for path in sources + [GLOB] + [p for e in stages[:i] for p in e.outputs]
+                                if path not in s.inputs] for i, s in enumerate(stages)}
+            eligible = [s for s in stages if options[s.name]]
+            if not eligible:
                 return self._noop(kind)
+            stage = eligible[edit.a % len(eligible)]
+            candidates = options[stage.name]
             stage.inputs.insert(edit.b % (len(stage.inputs) + 1), candidates[edit.b % len(candidates)])
-        elif kind == "remove_input":
-            if len(stage.inputs) < 2:
+        elif kind in ("remove_input", "reorder_inputs"):
+            eligible = [s for s in stages if len(s.inputs) >= 2]
+            if not eligible:
                 return self._noop(kind)
-            del stage.inputs[edit.b % len(stage.inputs)]
-        elif kind == "reorder_inputs":
-            if len(stage.inputs) < 2:
-                return self._noop(kind)
-            stage.inputs.append(stage.inputs.pop(0))
+            stage = eligible[edit.a % len(eligible)]
+            if kind == "remove_input":
+                del stage.inputs[edit.b % len(stage.inputs)]
+            else:
+                stage.inputs.append(stage.inputs.pop(0))
         elif kind == "add_source":
             path = f"src/{model.fresh('f')}.txt"
             model.sources[path] = edit.content
             self.write(path, edit.content)
-            stage.inputs.append(path)
+            if edit.b % 2:  # otherwise only stages reading every source (GLOB) see it
+                stage.inputs.append(path)
+        elif kind == "delete_source":
+            named = {path for s in stages for path in s.inputs}
+            unnamed = [path for path in sources if path not in named]
+            if not unnamed or len(sources) < 2:
+                return self._noop(kind)
+            path = unnamed[edit.b % len(unnamed)]
+            del model.sources[path]
+            (self.project / path).unlink()
+        elif kind == "reformat":
+            model.style += 1 + edit.b % 5
         elif kind == "add_stage":
             if len(stages) >= 10:
                 return self._noop(kind)
             transform = sorted(TRANSFORMS)[edit.b % len(TRANSFORMS)]
             name = model.fresh("s")
-            pool = sources + outputs
+            pool = sources + outputs + [GLOB]
             inputs = list(dict.fromkeys([pool[edit.a % len(pool)], pool[(edit.a // 7 + edit.b) % len(pool)]]))
             outs = [f"out/{name}.txt", f"out/{name}.2.txt"][:TRANSFORMS[transform].outputs]
             stages.append(StageSpec(name, inputs, outs, transform, block=bool(edit.b % 2)))
@@ -566,7 +605,7 @@ def run_scenario(model: Model, steps: list[Step], mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["j1", "j4", "two"])
-@settings(max_examples=budget(4, 60))
-@given(model=pipelines(), steps=st.lists(STEPS, min_size=1, max_size=budget(4, 8)))
+@settings(max_examples=budget(5, 60))
+@given(model=pipelines(), steps=st.lists(STEPS, min_size=2, max_size=budget(4, 8)))
 def test_builds_are_correct_and_minimal(mode, model, steps):
     run_scenario(model, steps, mode)
