@@ -89,3 +89,12 @@ def test_bad_utf8_column_after_a_byte_order_mark(tmp_path):
     # Columns count what an editor shows; every other error on that line (lark's) skips the mark.
     assert (caught.value.location.line, caught.value.location.column) == (1, 3)
     assert caught.value.render().splitlines()[1:] == ["ab\ufffdc = 1", "  ^"]
+
+
+@pytest.mark.xfail(strict=True, reason="jsonform.load_json catches JSONDecodeError only: json.loads raises "
+                                       "RecursionError on deeply nested arrays")
+def test_deeply_nested_json_is_a_located_error_not_a_traceback(tmp_path):
+    depth = 100_000
+    (tmp_path / "pipeline.json").write_text('{"stages": ' + "[" * depth + "]" * depth + "}")
+    result = offbuild(tmp_path, "-f", "pipeline.json", "-n")
+    assert_located_error(result, "offbuild: pipeline.json:1:")
