@@ -63,6 +63,8 @@ def load_json(path: str, display_name: str, overrides: dict[str, str]) -> Pipeli
         document = json.loads(raw)
     except json.JSONDecodeError as error:
         raise LoadError(f"invalid JSON: {error.msg}", origin.at(error.lineno, error.colno)) from None
+    except RecursionError:
+        raise LoadError("invalid JSON: nested too deeply", origin.at(1, 1)) from None
     locator = _Locator(raw, origin)
     top = origin.at(1, 1)
     if not isinstance(document, dict):
