@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 import os
 import re
 import shlex
@@ -64,14 +65,32 @@ class BuildGraph:
         wanted: set[str] = set()
         for target in targets:
             wanted.update(self.resolve_target(target))
-        needed = set(wanted)
-        for name in wanted:
-            needed.update(nx.ancestors(self.dag, name))
-        order = [name for name in nx.lexicographical_topological_sort(self.dag.subgraph(needed), key=self._rank)]
-        return order
+        # One walk up from all targets at once (ancestors per target is quadratic on a chain).
+        needed, pending, upstream = set(wanted), list(wanted), self.dag.pred
+        while pending:
+            for name in upstream[pending.pop()]:
+                if name not in needed:
+                    needed.add(name)
+                    pending.append(name)
+        return self._build_order(needed)
 
-    def _rank(self, name: str):
-        return (self.jobs[name].stage.location.file, self.jobs[name].stage.location.line, name)
+    def _build_order(self, needed: set[str]) -> list[str]:
+        """Dependencies first; among ready jobs, the one declared first (Kahn's algorithm)."""
+        rank = {name: (job.stage.location.file, job.stage.location.line, name)
+                for name, job in self.jobs.items() if name in needed}
+        waiting = {name: sum(1 for up in self.dag.pred[name] if up in needed) for name in needed}
+        ready = [rank[name] for name, count in waiting.items() if count == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            name = heapq.heappop(ready)[2]
+            order.append(name)
+            for down in self.dag.succ[name]:
+                if down in waiting:
+                    waiting[down] -= 1
+                    if waiting[down] == 0:
+                        heapq.heappush(ready, rank[down])
+        return order
 
     def resolve_target(self, target: PathSpec) -> list[str]:
         """A stage name (all its jobs), a job name or an output path → job names."""
