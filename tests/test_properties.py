@@ -9,12 +9,17 @@ shell transforms the model can compute, then random edits between builds. After 
   paths and contents / declared outputs differ from the last success, or an output is missing or
   differs from what that success wrote; inputs are compared after upstream jobs finished, so a
   rerun that writes identical bytes stops the change from spreading;
-- a build killed with SIGKILL mid-recipe kills that recipe, and the next build restores
-  correctness without rerunning a job that had finished;
+- SIGKILL, while a chosen recipe hangs before or after writing its outputs or at a random moment:
+  the spawner and every recipe go with offbuild, and the next build restores correctness without
+  rerunning a job that had finished (after a random kill, at most one job per slot whose recipe had
+  just finished may be unrecorded and run again);
 - outputs of vanished jobs are deleted while unchanged, kept when hand-edited.
 
-The same scenarios run under `-j 1`, `-j 4`, and as two offbuild processes at once (both exit 0;
-each job runs at most once between them).
+The same scenarios run under `-j 1`, `-j 4`, and as two offbuild processes at once (both exit 0,
+or the killed one with SIGKILL; each job runs at most once between them).
+
+`python -m pytest tests/test_properties.py --hypothesis-profile=thorough` runs many more; both
+profiles print how many pipelines, edits, builds and job decisions they checked.
 """
 from __future__ import annotations
 
@@ -159,9 +164,6 @@ class Model:
 
     def outputs(self) -> list[str]:
         return [path for stage in self.stages for path in stage.outputs]
-
-    def producer(self, path: str) -> StageSpec | None:
-        return next((stage for stage in self.stages if path in stage.outputs), None)
 
     def pipefile(self, log: str) -> str:
         blank = "\n" * (1 + self.style % 2)
@@ -389,9 +391,8 @@ class Scenario:
                 killed = self._kill_when_hanging(processes[0])
             elif where == "random":
                 time.sleep(kill[0] % 40 * 0.01)
-                killed = processes[0].poll() is None
                 processes[0].send_signal(signal.SIGKILL)
-                processes[0].wait()
+                killed = processes[0].wait() == -signal.SIGKILL  # not if it had finished already
             outcomes = [(process, *process.communicate(timeout=BUILD_TIMEOUT)) for process in processes]
         finally:
             for process in processes:
@@ -428,8 +429,15 @@ class Scenario:
                     assert self.read(path) == plan.values[path], f"{path} of finished job {stage.name}"
             model.commit(plan, finished & plan.run)
             return finished, True
-        assert plan.run <= finished, (f"model says {sorted(plan.run)} must run; offbuild ran {sorted(finished)}"
-                                      f" (missing {sorted(plan.run - finished)})")
+        missing = plan.run - finished
+        if killed:
+            # The killed offbuild may have rewritten a job's outputs, the same as its last success,
+            # before dying (a job rerun only because an output was deleted or edited): the survivor
+            # then rightly finds it up to date. Its outputs are checked below like all others.
+            missing = {name for name in missing if name not in model.records
+                       or model.records[name].key != plan.records[name].key}
+        assert not missing, (f"model says {sorted(plan.run)} must run; offbuild ran {sorted(finished)}"
+                             f" (missing {sorted(missing)})")
         recorded = [set(job["stage"] for job in self.record(run_id)["jobs"] if job["action"] in ("ran", "resumed"))
                     for run_id in ids[1 if killed else 0:]]
         recorded_ran = set().union(*recorded)
