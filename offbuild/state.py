@@ -104,9 +104,7 @@ class StateStore:
                 if path != ":memory:":
                     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
-                self._migrate()
+                self._set_up()
         except sqlite3.DatabaseError as error:
             raise OffbuildError(f"cannot open the state database {path}: {error}"
                                 " (delete .offbuild/state.db to start afresh)") from None
@@ -126,6 +124,24 @@ class StateStore:
             if statement.strip():
                 db.execute(statement)
         return db
+
+    def _set_up(self) -> None:
+        """WAL mode and the schema. Switching to WAL can report "locked" at once, without waiting,
+        while another process creates the same database: retry for a while before giving up."""
+        deadline = time.monotonic() + 30
+        delay = 0.01
+        while True:
+            try:
+                if self.db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     def _migrate(self) -> None:
         with self.transaction():
