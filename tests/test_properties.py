@@ -660,7 +660,7 @@ def run_scenario(model: Model, steps: list[Step], mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["j1", "j4", "two"])
-@settings(max_examples=budget(5, 60))
-@given(model=pipelines(), steps=st.lists(STEPS, min_size=2, max_size=budget(4, 8)))
+@settings(max_examples=budget(5, 150))
+@given(model=pipelines(), steps=st.lists(STEPS, min_size=2, max_size=budget(4, 10)))
 def test_builds_are_correct_and_minimal(mode, model, steps):
     run_scenario(model, steps, mode)
