@@ -72,7 +72,10 @@ class FileHasher:
         if entry is not None and entry.vouches_for(st):
             return self._seen(path, entry.digest)
         recorded_ns = time.time_ns()  # taken before reading: a write during the read makes it racy
-        digest = hash_file_contents(path, st.st_size)
+        try:
+            digest = hash_file_contents(path, st.st_size)
+        except (FileNotFoundError, NotADirectoryError):  # deleted since the stat (another offbuild)
+            return None
         self.files_hashed += 1
         self.bytes_hashed += st.st_size
         new = StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest, recorded_ns)

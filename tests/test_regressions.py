@@ -98,9 +98,6 @@ def test_deeply_nested_json_is_a_located_error_not_a_traceback(tmp_path):
     assert_located_error(result, "offbuild: pipeline.json:1:")
 
 
-@pytest.mark.xfail(strict=True, reason="hashing.FileHasher.digest stats, then opens: a file deleted in between "
-                                       "(another offbuild clearing an output before rerunning it) raises "
-                                       "FileNotFoundError out of offbuild")
 def test_a_file_deleted_between_stat_and_read_counts_as_missing(tmp_path, monkeypatch):
     """Found by test_properties in mode "two": one offbuild deleted out/s3.txt to rerun its job while
     the other was comparing that output with its record; the second exited 1 with a traceback."""
