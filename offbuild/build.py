@@ -6,14 +6,17 @@ import shutil
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .executor import NETWORK_HINT, NETWORK_SYMPTOMS, LocalExecutor, RecipeResult
-from .graph import BuildGraph
 from .hashing import FileHasher
 from .locks import JobLocks
 from .planner import Action, Decision, Planner, Reason, job_options
 from .reporter import Reporter
 from .state import StateStore, Success
+
+if TYPE_CHECKING:  # the fast path builds without networkx: any graph with the same methods will do
+    from .graph import BuildGraph
 
 
 @dataclass(slots=True)
@@ -77,8 +80,8 @@ class Builder:
     def run(self) -> BuildResult:
         """Build everything in `order`; Ctrl-C stops running recipes and returns 'interrupted'."""
         needed = set(self.order)
-        dag = self.graph.dag
-        self._waiting = {name: sum(1 for dep in dag.predecessors(name) if dep in needed) for name in self.order}
+        dependencies = self.graph.dependencies
+        self._waiting = {name: sum(1 for dep in dependencies(name) if dep in needed) for name in self.order}
         self._ready = [name for name in self.order if self._waiting[name] == 0]
         self._running: dict[Future, tuple[str, str, Decision | None]] = {}  # future → (job, phase, decision)
         self._pools: Counter = Counter()
@@ -113,7 +116,7 @@ class Builder:
         while not self._stop and index < len(self._ready) and len(self._running) < self.max_jobs:
             name = self._ready[index]
             job = self.graph.jobs[name]
-            limit = self.graph.pipeline.pools.get(job.stage.pool) if job.stage.pool else None
+            limit = self.graph.pools.get(job.stage.pool) if job.stage.pool else None
             if limit is not None and self._pools[job.stage.pool] >= limit:
                 index += 1
                 continue
@@ -235,7 +238,7 @@ class Builder:
         duration = outcome.result.duration if outcome.result else 0.0
         output = outcome.result.output() if outcome.result else ""
         self.reporter.job_finished(outcome.name, outcome.action, duration, output)
-        for dependent in self.graph.dag.successors(outcome.name):
+        for dependent in self.graph.dependents(outcome.name):
             if dependent in self._waiting:
                 self._waiting[dependent] -= 1
                 if self._waiting[dependent] == 0:

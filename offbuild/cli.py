@@ -90,7 +90,7 @@ def _raise_interrupt(signum, frame):
 
 def _dispatch(args) -> int:
     # Imported here so `--version` and `--help` stay instant.
-    from .noop import fast_noop
+    from .fastpath import fast_build
     from .records import RUN_ID
 
     overrides, targets = {}, []
@@ -105,7 +105,7 @@ def _dispatch(args) -> int:
             targets.append(item)
     if args.run_id is not None and not RUN_ID.match(args.run_id):
         raise OffbuildError(f"bad run id '{args.run_id}' (letters, digits, '.', '_' and '-')")
-    exit_code = fast_noop(args, targets, overrides)
+    exit_code = fast_build(args, targets, overrides)
     if exit_code is not None:
         return exit_code
     from .commands import run_command  # the full path: parser, graph, planner

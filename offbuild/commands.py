@@ -4,20 +4,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
-from . import inspection
-from .build import Builder, dry_run, remove_stale_outputs
+from . import inspection, run, snapshot
+from .build import dry_run, remove_stale_outputs
 from .errors import UsageError
 from .executor import LocalExecutor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
 from .planner import Action, Planner
-from .noop import build_snapshot, save_snapshot, snapshot_key
-from .records import iso, new_run_id, write_run_record
-from .reporter import make_reporter
+from .run import EXIT_FAILED, EXIT_OK
 from .session import STATE_DIR, open_project
-
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 
 def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
@@ -53,7 +48,7 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
         if args.dry_run:
             return show_dry_run(project, order, args.force)
         pipefile, given_targets, given_overrides = snapshot_for
-        key = snapshot_key(pipefile, given_targets, given_overrides, project.cwd_offset)
+        key = snapshot.snapshot_key(pipefile, given_targets, given_overrides, project.cwd_offset)
         return build(project, order, args, targets, verbosity, key)
     finally:
         project.store.close()
@@ -62,43 +57,18 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
 def build(project, order: list[str], args, targets: list[str], verbosity: int,
           snapshot_key: tuple | None = None, *, run_id: str | None = None,
           executor: LocalExecutor | None = None) -> int:
-    """One build of `order`; watch mode passes its long-lived `executor` (closed by its owner) and a run id."""
-    started_wall, started = time.time(), time.monotonic()
-    run_id = run_id or args.run_id or new_run_id()
-    reporter = make_reporter(len(order), verbosity, sys.stderr if args.json else sys.stdout, parallel=args.jobs,
-                             estimates=lambda: inspection.planned_durations(project, order, args.force))
-    remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
-    planner = Planner(project.hasher, project.records, force=args.force)
-    owned = executor is None
-    if owned:
-        executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=reporter.message)
-    else:
-        executor.run_id, executor.warn = run_id, reporter.message
-    try:
-        if args.offline == "strict":
-            executor.spawner(isolate=True)  # refuse before anything runs
-        builder = Builder(project.graph, order, project.store, project.hasher, planner, executor, reporter,
-                          jobs=args.jobs, keep_going=args.keep_going, run_id=run_id)
-        result = builder.run()
-    finally:
-        if owned:
-            executor.close()
-    counts = result.counts()
-    record = {
-        "run_id": run_id, "started": iso(started_wall), "ended": iso(time.time()), "status": result.status,
-        "targets": targets or [spec.text for spec in project.targets([])], "offline": executor.offline_status(),
-        "counts": counts,
-        "hashed": {"files": project.hasher.files_hashed, "bytes": project.hasher.bytes_hashed},
-        "jobs": [outcome.as_record() for outcome in result.outcomes.values() if outcome.action != "skipped"],
-        "skipped": [outcome.name for outcome in result.outcomes.values() if outcome.action == "skipped"],
-    }
-    write_run_record(STATE_DIR, record)
-    all_skipped = result.status == "ok" and not args.force and snapshot_key is not None
-    save_snapshot(STATE_DIR, build_snapshot(snapshot_key, project, order, record["targets"]) if all_skipped else None)
-    reporter.summary(counts, time.monotonic() - started, {"ok": "done"}.get(result.status, result.status))
-    if args.json:
-        print(json.dumps(record, indent=2))
-    return {"ok": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}[result.status]
+    """One full-path build of `order`; watch mode passes its long-lived `executor` and a run id."""
+    shown_targets = targets or [spec.text for spec in project.targets([])]
+
+    def capture():
+        return snapshot.capture(snapshot_key, project, order, shown_targets) if snapshot_key else None
+
+    def remove_stale(reporter) -> None:
+        remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
+
+    return run.build(project, order, args, shown_targets, verbosity, capture=capture, before=remove_stale,
+                     estimates=lambda: inspection.planned_durations(project, order, args.force),
+                     run_id=run_id, executor=executor)
 
 
 def show_dry_run(project, order: list[str], force: bool) -> int:

@@ -88,6 +88,7 @@ class LocalExecutor:
         self.warn = warn
         self.stopping = threading.Event()
         self.isolation_failure: str | None = None  # why recipes could not be isolated, if they could not
+        self._warned = False
         self._spawners: dict[bool, Spawner] = {}
         self._running: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -96,6 +97,16 @@ class LocalExecutor:
     def spawner(self, isolate: bool) -> Spawner:
         """The spawner for isolated or networked recipes, started on first use."""
         isolate = isolate and self.offline != "off"
+        spawner = self._started_spawner(isolate)
+        with self._lock:
+            warn = isolate and self.isolation_failure is not None and not self._warned
+            self._warned = self._warned or warn
+        if warn:  # here, not when it starts: `warm_up` may start it before `warn` is set
+            self.warn(f"offbuild: warning: recipes are NOT network-isolated here ({self.isolation_failure});"
+                      " --offline=strict refuses to run in that case")
+        return spawner
+
+    def _started_spawner(self, isolate: bool) -> Spawner:
         with self._lock:
             if isolate not in self._spawners:
                 spawner = self.spawner_factory(isolate)
@@ -105,10 +116,19 @@ class LocalExecutor:
                         spawner.close()
                         raise OffbuildError(f"--offline=strict: cannot isolate recipes from the network"
                                             f" ({spawner.reason})")
-                    self.warn(f"offbuild: warning: recipes are NOT network-isolated here ({spawner.reason});"
-                              " --offline=strict refuses to run in that case")
                 self._spawners[isolate] = spawner
             return self._spawners[isolate]
+
+    def warm_up(self) -> None:
+        """Start the isolated spawner in the background, so its start overlaps the deciding."""
+        if self.offline != "off":
+            threading.Thread(target=self._warm_up, name="spawner-start", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        try:
+            self._started_spawner(isolate=True)
+        except Exception:  # noqa: BLE001 - the recipe's own call starts it again and reports why
+            pass
 
     def offline_status(self) -> dict:
         """For the run record: the mode asked for and whether isolation was in force."""
@@ -123,7 +143,9 @@ class LocalExecutor:
         return not job.stage.network and self.offline != "off" and self.isolation_failure is None
 
     def close(self) -> None:
-        for spawner in self._spawners.values():
+        with self._lock:  # a spawner `warm_up` is starting is registered once it has started
+            spawners = list(self._spawners.values())
+        for spawner in spawners:
             spawner.close()
 
     def checkpoint_path(self, job: Job) -> str:

@@ -15,6 +15,7 @@ import networkx as nx
 
 from .errors import LoadError, Location, UsageError, did_you_mean
 from .model import Job, JobVar, PathSpec, Pipeline, Stage
+from .snapshot import listing_signature
 
 # Pattern stages feeding each other can generate jobs forever; real chains are far shorter.
 MAX_PATTERN_ROUNDS = 1000
@@ -30,9 +31,22 @@ class BuildGraph:
     producer: dict[str, str]
     dag: nx.DiGraph
     jobs_by_stage: dict[str, list[str]] = field(default_factory=dict)
-    listed_folders: dict[str, tuple[int, int, int, int] | None] = field(default_factory=dict)
+    # folder → (mtime_ns, ino, ctime_ns, when taken, listing signature), or None when it did not exist
+    listed_folders: dict[str, tuple[int, int, int, int, str] | None] = field(default_factory=dict)
     _sources: list[str] | None = None
     _sorted_outputs: list[str] | None = None
+
+    @property
+    def pools(self) -> dict[str, int]:
+        return self.pipeline.pools
+
+    def dependencies(self, name: str):
+        """Jobs that must finish before `name` (inputs' producers and `after:` stages)."""
+        return self.dag.predecessors(name)
+
+    def dependents(self, name: str):
+        """Jobs that wait for `name`."""
+        return self.dag.successors(name)
 
     def holds_source(self, path: str) -> bool:
         """Is `path` a source (an input no job makes) or a folder containing one? Such a path is
@@ -132,14 +146,13 @@ class _FileLister:
     """Existing files under a directory, listed once per build and shared by every pattern.
 
     Each folder's stat is taken before it is read, so a later change to its entries shows as a
-    different stat: the no-op fast path (noop.py) relies on that.
+    different stat, and its listing's signature is kept: the fast path (snapshot.py) relies on both.
     """
 
     def __init__(self, is_stale: Callable[[str], bool]):
         self.cache: dict[str, list[str]] = {}
         self.is_stale = is_stale
-        # folder → (mtime_ns, ino, ctime_ns, when taken), or None when it does not exist
-        self.folders: dict[str, tuple[int, int, int, int] | None] = {}
+        self.folders: dict[str, tuple[int, int, int, int, str] | None] = {}  # as BuildGraph.listed_folders
 
     def under(self, directory: str) -> list[str]:
         if directory not in self.cache:
@@ -154,7 +167,7 @@ class _FileLister:
                 except OSError:  # missing, not a folder, a symlink loop, a name too long: nothing to match
                     self.folders[folder] = None
                     continue
-                self.folders[folder] = (st.st_mtime_ns, st.st_ino, st.st_ctime_ns, taken)
+                self.folders[folder] = (st.st_mtime_ns, st.st_ino, st.st_ctime_ns, taken, listing_signature(entries))
                 for entry in entries:
                     path = normalize(entry.path)
                     if entry.is_dir(follow_symlinks=False):

@@ -59,9 +59,15 @@ class FileHasher:
         self.first_digest: dict[str, str] = {}
         self.unstable = False
         self.saw_directory = False
+        # Digests of paths whose stat was compared with their entry's moments ago (the fast path
+        # stats every file first): they hold without a second stat, until `forget`.
+        self.verified: dict[str, str] = {}
 
     def digest(self, path: str) -> str | None:
         """The content hash of a file or directory tree, or None when the path does not exist."""
+        verified = self.verified.get(path)
+        if verified is not None:
+            return self._seen(path, verified)
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -104,6 +110,7 @@ class FileHasher:
         """Drop what is known about a path a recipe is about to rewrite."""
         self.entries.pop(path, None)
         self.fresh.pop(path, None)
+        self.verified.pop(path, None)
         self.first_digest.pop(path, None)
 
     def take_fresh(self) -> dict[str, StatEntry]:

@@ -35,7 +35,7 @@ class Spawner:
 
     def __init__(self, isolate: bool):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "offbuild.spawner"] + (["--isolate"] if isolate else []),
+            [sys.executable, "-S", "-m", "offbuild.spawner"] + (["--isolate"] if isolate else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
             env={**os.environ, "PYTHONPATH": _package_parent() + os.pathsep + os.environ.get("PYTHONPATH", "")})
         ready = json.loads(self.process.stdout.readline() or b'{"isolated": false, "reason": "spawner died"}')
@@ -102,5 +102,6 @@ class Spawner:
 
 
 def _package_parent() -> str:
-    """So `python -m offbuild.spawner` finds this very offbuild, installed or not."""
+    """So `python -S -m offbuild.spawner` (no site: it needs only the standard library, and starts
+    faster without) finds this very offbuild, installed or not."""
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

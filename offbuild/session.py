@@ -11,9 +11,8 @@ from .hashing import RACY_NS, FileHasher
 from .jsonform import load_json
 from .model import PathSpec, Pipeline
 from .parser import load_pipefile
-from .state import JobRecord, StateStore
+from .state import STATE_DIR, JobRecord, StateStore
 
-STATE_DIR = ".offbuild"
 _NO_LOCATION = Location("<command line>", 0, 0)
 
 

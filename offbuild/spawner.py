@@ -128,8 +128,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # offbuild decides what Ctrl-C stops
     reason = isolate_network() if "--isolate" in sys.argv else "not requested"
     server = _Server()
-    server.send({"op": "ready", "isolated": not reason, "reason": reason})
     try:
+        server.send({"op": "ready", "isolated": not reason, "reason": reason})
         server.serve()
     except (BrokenPipeError, KeyboardInterrupt):
         server.kill_all()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from .errors import OffbuildError
 from .hashing import StatEntry
 
+STATE_DIR = ".offbuild"  # beside the Pipefile; the store, logs, locks, checkpoints and run records
 SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema (version INTEGER NOT NULL);
@@ -97,6 +98,7 @@ class StateStore:
 
     def __init__(self, path: str, readonly: bool = False):
         self.path = path
+        self.bumps = 0  # generations this connection added: any others were another process's
         try:
             if readonly:
                 self.db = self._connect_readonly(path)
@@ -174,9 +176,7 @@ class StateStore:
         return {row[0]: StatEntry(*row[1:]) for row in rows}
 
     def load_jobs(self) -> dict[str, JobRecord]:
-        rows = self.db.execute("SELECT name, key, recipe, inputs, outputs, env, options, built_at, duration,"
-                               " run_id, failed, failed_run, failed_at FROM jobs")
-        return {row[0]: JobRecord(*row[:10], bool(row[10]), row[11], row[12]) for row in rows}
+        return {row[0]: _job_record(row) for row in self.db.execute(_SELECT_JOBS)}
 
     def generation(self) -> int:
         """A counter bumped by every change to the jobs table: equal counters, same job records."""
@@ -185,12 +185,40 @@ class StateStore:
 
     def _bump_generation(self) -> None:
         self.db.execute("UPDATE generation SET value = value + 1")
+        self.bumps += 1
+
+    def load_stat_entries(self, paths: list[str]) -> dict[str, StatEntry]:
+        """The stat cache entries of just these paths (a fast-path build needs few of them)."""
+        found = {}
+        for start in range(0, len(paths), _BATCH):
+            batch = paths[start:start + _BATCH]
+            rows = self.db.execute("SELECT path, size, mtime_ns, ino, ctime_ns, digest, recorded_ns FROM files"
+                                   f" WHERE path IN ({','.join('?' * len(batch))})", batch)
+            found.update((row[0], StatEntry(*row[1:])) for row in rows)
+        return found
+
+    def load_digests(self, paths: list[str]) -> dict[str, str]:
+        """Just the recorded digests of these paths (cheaper than whole entries)."""
+        found = {}
+        for start in range(0, len(paths), _BATCH):
+            batch = paths[start:start + _BATCH]
+            found.update(self.db.execute(f"SELECT path, digest FROM files WHERE path IN ({','.join('?' * len(batch))})",
+                                         batch))
+        return found
+
+    def load_jobs_named(self, names: list[str]) -> dict[str, JobRecord]:
+        """The records of just these jobs."""
+        found = {}
+        for start in range(0, len(names), _BATCH):
+            batch = names[start:start + _BATCH]
+            rows = self.db.execute(f"{_SELECT_JOBS} WHERE name IN ({','.join('?' * len(batch))})", batch)
+            found.update((row[0], _job_record(row)) for row in rows)
+        return found
 
     def load_job(self, name: str) -> JobRecord | None:
         """One job's record as it is now (another offbuild process may just have written it)."""
-        row = self.db.execute("SELECT name, key, recipe, inputs, outputs, env, options, built_at, duration,"
-                              " run_id, failed, failed_run, failed_at FROM jobs WHERE name = ?", (name,)).fetchone()
-        return JobRecord(*row[:10], bool(row[10]), row[11], row[12]) if row else None
+        row = self.db.execute(f"{_SELECT_JOBS} WHERE name = ?", (name,)).fetchone()
+        return _job_record(row) if row else None
 
     def load_decisions(self) -> dict[str, dict]:
         rows = self.db.execute("SELECT name, run_id, at, action, reasons FROM decisions")
@@ -241,6 +269,15 @@ class StateStore:
             self.db.executemany("DELETE FROM jobs WHERE name = ?", [(name,) for name in names])
             self.db.executemany("DELETE FROM decisions WHERE name = ?", [(name,) for name in names])
             self._bump_generation()
+
+
+_BATCH = 500  # bound parameters per query, well under SQLite's limit
+_SELECT_JOBS = ("SELECT name, key, recipe, inputs, outputs, env, options, built_at, duration, run_id, failed,"
+                " failed_run, failed_at FROM jobs")
+
+
+def _job_record(row) -> JobRecord:
+    return JobRecord(*row[:10], bool(row[10]), row[11], row[12])
 
 
 def _has_schema(db: sqlite3.Connection) -> bool:

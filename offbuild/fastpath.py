@@ -1,0 +1,176 @@
+"""The fast path: a plain build that needs neither the Pipefile's parse nor the whole graph.
+
+When the last build's snapshot (snapshot.py) still holds, offbuild stats the files it lists. No
+change: the build is a no-op, recorded without importing lark or networkx. Some files changed:
+only the jobs that read or make them, and the jobs downstream, are loaded (unpickled from the
+snapshot) and handed to the ordinary scheduler (run.build); every other job is up to date by the
+snapshot's proof. Anything structural, or anything the fast path cannot decide exactly like the
+full path (a missing source, which is a load error there), falls back to the full path.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from . import snapshot
+from .state import STATE_DIR
+
+
+def fast_build(args, targets: list[str], overrides: dict[str, str]) -> int | None:
+    """The build's exit code if the snapshot let it take the fast path, else None (cwd unchanged)."""
+    plain_build = not (args.explain or args.watch or args.list or args.graph or args.clean or args.lint
+                       or args.dry_run or args.force) and args.verbose <= args.quiet
+    if not plain_build or not os.path.isfile(args.file):
+        return None
+    started_wall, started = time.time(), time.monotonic()
+    here = os.getcwd()
+    root = os.path.dirname(os.path.abspath(args.file))
+    key = snapshot.snapshot_key(args.file, targets, overrides, os.path.relpath(here, root))
+    os.chdir(root)
+    exit_code = _fast_build(args, key, started_wall, started)
+    if exit_code is None:
+        os.chdir(here)
+    return exit_code
+
+
+def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | None:
+    saved = snapshot.load(STATE_DIR, key)
+    if saved is None or not snapshot.structure_holds(saved):
+        return None
+    changed = snapshot.changed_files(saved)
+    if changed is None:
+        return None
+    if snapshot.store_generation(os.path.join(STATE_DIR, "state.db")) != saved["generation"]:
+        return None
+    if not changed and not saved["always"]:
+        return _record_noop(args, saved, started_wall, started)
+    return _build_changes(args, saved, changed)
+
+
+def _record_noop(args, saved: dict, started_wall: float, started: float) -> int:
+    from .records import iso, new_run_id, write_run_record
+    from .reporter import summary_line
+
+    jobs = saved["jobs"].split("\n")
+    counts = {"total": len(jobs), "ran": 0, "skipped": len(jobs), "failed": 0, "resumed": 0, "restored": 0,
+              "blocked": 0}
+    record = {"run_id": args.run_id or new_run_id(), "started": iso(started_wall), "ended": iso(time.time()),
+              "status": "ok", "targets": saved["targets"], "offline": {"mode": args.offline, "isolated": None},
+              "counts": counts, "hashed": {"files": 0, "bytes": 0}, "jobs": [], "skipped": jobs,
+              "fast_path": "noop"}
+    write_run_record(STATE_DIR, record)
+    import json
+    import sys
+
+    print(summary_line(counts, time.monotonic() - started, "done"), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    return 0
+
+
+def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
+    """Decide and run the jobs the changed files affect; None to fall back to the full path."""
+    order = saved["jobs"].split("\n")
+    in_offsets, in_flat = snapshot.load_lists(saved["inputs"])
+    out_offsets, out_flat = snapshot.load_lists(saved["outputs"])
+    next_offsets, next_flat = snapshot.load_lists(saved["successors"])
+    paths = saved["file_paths"].split("\n")
+    made = set(out_flat)
+    changed_set = set(changed)
+    if any(index not in made and snapshot.stat_tuple(paths[index]) is None for index in changed):
+        return None  # a source is gone: the full path reports it as a load error, with its location
+    affected = set(saved["always"])
+    for job in range(len(order)):
+        if (not changed_set.isdisjoint(in_flat[in_offsets[job]:in_offsets[job + 1]])
+                or not changed_set.isdisjoint(out_flat[out_offsets[job]:out_offsets[job + 1]])):
+            affected.add(job)
+    pending = list(affected)
+    while pending:  # everything downstream must be decided again (early cutoff may still skip it)
+        job = pending.pop()
+        for after in next_flat[next_offsets[job]:next_offsets[job + 1]]:
+            if after not in affected:
+                affected.add(after)
+                pending.append(after)
+    blobs = snapshot.load_jobs(STATE_DIR, saved)
+    if blobs is None:
+        return None
+    from . import run
+    from .executor import LocalExecutor
+    from .state import StateStore
+
+    # Files changed, so a recipe will likely run: start the spawner while the jobs are loaded.
+    executor = LocalExecutor(os.getcwd(), STATE_DIR, "", offline=args.offline)
+    executor.warm_up()
+    store = StateStore(os.path.join(STATE_DIR, "state.db"))
+    try:
+        start_generation = store.generation()
+        if start_generation != saved["generation"]:  # another process wrote since the check
+            return None
+        changed_paths = {paths[index] for index in changed}
+        project = _ChangedPart.load(saved, sorted(affected), order, blobs, next_offsets, next_flat, store,
+                                    changed_paths)
+        done = tuple(name for index, name in enumerate(order) if index not in affected)
+
+        def capture():
+            if store.generation() != start_generation + store.bumps:
+                return None
+            outputs = changed_set.union(*(out_flat[out_offsets[job]:out_offsets[job + 1]] for job in affected))
+            verified = project.hasher.verified  # still verified: unchanged, not rewritten by a recipe
+            looked_at = {index for index in outputs if paths[index] not in verified}
+            return snapshot.refresh(saved, project.hasher.entries, looked_at, store.generation())
+
+        estimates = {name: record.duration for name, record in project.records.items()}
+        return run.build(project, project.order, args, saved["targets"], args.verbose - args.quiet,
+                         estimates=lambda: estimates, capture=capture, presumed_done=done,
+                         executor=executor, fast_path=True)
+    finally:
+        store.close()
+        executor.close()
+
+
+class _ChangedPart:
+    """What run.build needs of a project, for just the affected jobs: their jobs, edges among
+    them, their records and stat cache entries. Acts as the graph too (Builder's interface)."""
+
+    def __init__(self, order, jobs, dependents, dependencies, pools, holding_sources, store, records, hasher):
+        self.order = order
+        self.jobs = jobs
+        self._dependents = dependents
+        self._dependencies = dependencies
+        self.pools = pools
+        self._holding_sources = holding_sources
+        self.store = store
+        self.records = records
+        self.hasher = hasher
+        self.graph = self
+
+    @classmethod
+    def load(cls, saved: dict, affected: list[int], order: list[str], blobs: list[bytes], next_offsets, next_flat,
+             store, changed_paths: set[str]) -> _ChangedPart:
+        import pickle
+
+        from .hashing import FileHasher
+
+        names = [order[index] for index in affected]
+        jobs = {name: pickle.loads(blobs[index]) for name, index in zip(names, affected)}
+        dependents = {name: [order[after] for after in next_flat[next_offsets[index]:next_offsets[index + 1]]]
+                      for name, index in zip(names, affected)}
+        dependencies: dict[str, list[str]] = {name: [] for name in names}
+        for name, after in dependents.items():
+            for dependent in after:
+                dependencies[dependent].append(name)  # every dependent of an affected job is affected
+        paths = {path for job in jobs.values() for path in job.inputs + job.outputs}
+        hasher = FileHasher(store.load_stat_entries([path for path in paths if path in changed_paths]))
+        # Every other file's stat matched the snapshot's, which was its entry's: its digest holds.
+        hasher.verified = store.load_digests([path for path in paths if path not in changed_paths])
+        return cls(names, jobs, dependents, dependencies, saved["pools"], set(saved["holds_source"]), store,
+                   store.load_jobs_named(names), hasher)
+
+    def dependencies(self, name: str) -> list[str]:
+        return self._dependencies[name]
+
+    def dependents(self, name: str) -> list[str]:
+        return self._dependents[name]
+
+    def holds_source(self, path: str) -> bool:
+        return path in self._holding_sources

@@ -1,0 +1,68 @@
+"""One build, start to finish: executor, scheduler, run record, snapshot. Both the full path
+(commands.py) and the fast path (fastpath.py) end here, so a build behaves the same either way."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from . import snapshot
+from .build import Builder, Outcome
+from .executor import LocalExecutor
+from .planner import Planner
+from .records import iso, new_run_id, write_run_record
+from .reporter import make_reporter
+from .state import STATE_DIR
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def build(project, order: list[str], args, shown_targets: list[str], verbosity: int, *,
+          estimates: Callable[[], dict[str, float | None]] | None = None,
+          capture: Callable[[], tuple | dict | None] | None = None, presumed_done: tuple[str, ...] = (),
+          run_id: str | None = None, executor: LocalExecutor | None = None,
+          before: Callable[[object], None] | None = None, fast_path: bool = False) -> int:
+    """Build `order` and record the run. `presumed_done` are jobs the fast path proved up to date
+    (counted as skipped), `fast_path` says the fast path chose what to decide; `capture` makes the snapshot to save after a good build (None removes it);
+    `before(reporter)` runs first; watch mode passes its long-lived `executor` (closed by its owner)."""
+    started_wall, started = time.time(), time.monotonic()
+    run_id = run_id or args.run_id or new_run_id()
+    reporter = make_reporter(len(order) + len(presumed_done), verbosity, sys.stderr if args.json else sys.stdout,
+                             parallel=args.jobs, estimates=estimates)
+    if before is not None:
+        before(reporter)
+    planner = Planner(project.hasher, project.records, force=args.force)
+    owned = executor is None
+    if owned:
+        executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=reporter.message)
+    else:
+        executor.run_id, executor.warn = run_id, reporter.message
+    try:
+        if args.offline == "strict":
+            executor.spawner(isolate=True)  # refuse before anything runs
+        builder = Builder(project.graph, order, project.store, project.hasher, planner, executor, reporter,
+                          jobs=args.jobs, keep_going=args.keep_going, run_id=run_id)
+        result = builder.run()
+    finally:
+        if owned:
+            executor.close()
+    for name in presumed_done:
+        result.outcomes[name] = Outcome(name, "skipped")
+    counts = result.counts()
+    record = {
+        "run_id": run_id, "started": iso(started_wall), "ended": iso(time.time()), "status": result.status,
+        "targets": shown_targets, "offline": executor.offline_status(), "counts": counts,
+        "hashed": {"files": project.hasher.files_hashed, "bytes": project.hasher.bytes_hashed},
+        "jobs": [outcome.as_record() for outcome in result.outcomes.values() if outcome.action != "skipped"],
+        "skipped": [outcome.name for outcome in result.outcomes.values() if outcome.action == "skipped"],
+    }
+    if fast_path:
+        record["fast_path"] = "changes"
+    write_run_record(STATE_DIR, record)
+    snapshot.save(STATE_DIR, capture() if capture is not None and result.status == "ok" else None)
+    reporter.summary(counts, time.monotonic() - started, {"ok": "done"}.get(result.status, result.status))
+    if args.json:
+        print(json.dumps(record, indent=2))
+    return {"ok": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}[result.status]

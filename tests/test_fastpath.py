@@ -1,0 +1,285 @@
+"""The fast path (snapshot.py, fastpath.py): it may only skip or run what a full build would."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Project
+
+PIPEFILE = """
+stage shout:
+    in:  in/%.txt
+    out: work/%.shout
+    run: tr a-z A-Z < $in > $out
+stage all:
+    in:  work/*.shout
+    out: all.txt
+    env: SEPARATOR
+    run: cat $in > $out; echo "$$SEPARATOR" >> $out
+"""
+
+
+def settle(project, seconds=10):
+    """Backdate every file and folder so their stats are trusted (SPEC's racy-timestamp rule)."""
+    past = time.time() - seconds
+    for folder, dirs, files in os.walk(project.root):
+        dirs[:] = [d for d in dirs if d != ".offbuild"]
+        for name in files:
+            os.utime(os.path.join(folder, name), (past, past))
+        os.utime(folder, (past, past))
+
+
+def settled_project(project):
+    project.pipefile(PIPEFILE)
+    project.write("in/a.txt", "a\n")
+    project.write("in/b.txt", "b\n")
+    project.build()
+    settle(project)
+    record = project.build()  # re-learns the backdated stats, then saves the snapshot
+    assert not record.get("fast_path") and project.ran(record) == set()
+    record = project.build()
+    assert record.get("fast_path") == "noop" and project.ran(record) == set()
+    assert record["counts"]["skipped"] == 3 and sorted(record["skipped"]) == ["all", "shout[a]", "shout[b]"]
+
+
+def test_settled_noop_takes_the_fast_path(project):
+    settled_project(project)
+
+
+def test_same_size_same_mtime_edit_defeats_the_fast_path(project):
+    settled_project(project)
+    path = project.root / "in/a.txt"
+    st = os.stat(path)
+    path.write_text("z\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    record = project.build()
+    assert project.ran(record) == {"shout[a]", "all"}
+    assert project.read("all.txt").startswith("B\nZ\n") or project.read("all.txt").startswith("Z\nB\n")
+
+
+def test_new_file_in_a_pattern_folder_defeats_the_fast_path(project):
+    settled_project(project)
+    project.write("in/c.txt", "c\n")
+    assert project.ran(project.build()) == {"shout[c]", "all"}
+
+
+def test_pipefile_edit_env_change_and_other_targets_defeat_the_fast_path(project):
+    settled_project(project)
+    assert project.ran(project.build(env={"SEPARATOR": "--"})) == {"all"}
+    settle(project)
+    project.build(env={"SEPARATOR": "--"})
+    assert project.build(env={"SEPARATOR": "--"}).get("fast_path")
+    assert not project.build("shout[a]", env={"SEPARATOR": "--"}).get("fast_path")
+    project.pipefile(PIPEFILE.replace("tr a-z A-Z", "tr a-z A-Z "))
+    assert project.ran(project.build(env={"SEPARATOR": "--"})) == {"shout[a]", "shout[b]"}
+
+
+def test_a_failure_recorded_elsewhere_defeats_the_fast_path(project):
+    project.pipefile("""
+        stage check:
+            in: code.txt
+            run: test "$$MODE" != bad
+    """)
+    project.write("code.txt", "x\n")
+    project.build()
+    settle(project)
+    project.build()
+    assert project.build().get("fast_path")
+    project.run("-B", env={"MODE": "bad"}, check=1)  # same files, but the store now says "failed"
+    record = project.build()
+    assert not record.get("fast_path") and project.ran(record) == {"check"}
+
+
+def test_deleted_output_defeats_the_fast_path(project):
+    settled_project(project)
+    (project.root / "all.txt").unlink()
+    assert project.ran(project.build()) == {"all"}
+
+
+# -- builds with changes: only the affected jobs are loaded and decided
+
+
+def test_an_edited_input_reruns_only_its_jobs_on_the_fast_path(project):
+    settled_project(project)
+    project.write("in/a.txt", "aa\n")
+    record = project.build()
+    assert record.get("fast_path") == "changes"
+    assert project.ran(record) == {"shout[a]", "all"}
+    assert record["counts"]["total"] == 3 and record["counts"]["skipped"] == 1 and record["skipped"] == ["shout[b]"]
+    assert sorted(project.read("all.txt").split()) == ["AA", "B"]
+
+
+def test_early_cutoff_on_the_fast_path(project):
+    project.pipefile("""
+        stage first:
+            in: src.txt
+            out: first.txt
+            run: head -c 1 $in > $out
+        stage second:
+            in: first.txt
+            out: second.txt
+            run: cat $in $in > $out
+    """)
+    project.write("src.txt", "abc\n")
+    project.build()
+    settle(project)
+    project.build()
+    project.write("src.txt", "axyz\n")  # same first byte: `first` rewrites the same output
+    record = project.build()
+    assert record.get("fast_path") == "changes"
+    assert project.ran(record) == {"first"} and project.read("second.txt") == "aa"
+
+
+def test_deleted_or_hand_edited_outputs_rerun_their_job_on_the_fast_path(project):
+    settled_project(project)
+    (project.root / "work/b.shout").write_text("tampered\n")
+    record = project.build()
+    assert record.get("fast_path") == "changes" and project.ran(record) == {"shout[b]"}
+    assert project.read("work/b.shout") == "B\n"
+
+
+def test_a_deleted_source_is_still_a_load_error(project):
+    project.pipefile("""
+        stage copy:
+            in: keep/src.txt
+            out: copy.txt
+            run: cp $in $out
+    """)
+    project.write("keep/src.txt", "x\n")
+    project.write("keep/other.txt", "so the folder is not empty\n")
+    project.build()
+    settle(project)
+    project.build()
+    (project.root / "keep/src.txt").unlink()
+    result = project.run(check=2)
+    assert "keep/src.txt" in result.stderr and "Pipefile:3" in result.stderr
+
+
+def test_a_failure_on_the_fast_path_fails_and_forgets_the_snapshot(project):
+    project.pipefile("""
+        stage check:
+            in: code.txt
+            out: checked.txt
+            run: grep -q good $in && cp $in $out
+    """)
+    project.write("code.txt", "good\n")
+    project.build()
+    settle(project)
+    project.build()
+    project.write("code.txt", "bad\n")
+    project.run(check=1)
+    assert not project.exists("checked.txt")
+    assert not (project.root / ".offbuild/noop.snapshot").exists()
+    project.write("code.txt", "good again\n")
+    assert project.ran(project.build()) == {"check"}
+
+
+def test_always_stages_run_on_every_fast_build(project):
+    project.pipefile("""
+        stage stamp:
+            always: true
+            out: stamp.txt
+            run: echo once >> $out.log; cp $out.log $out
+        stage copy:
+            in: src.txt
+            out: copy.txt
+            run: cp $in $out
+    """)
+    project.write("src.txt", "x\n")
+    project.build()
+    settle(project)
+    project.build()
+    record = project.build()
+    assert record.get("fast_path") == "changes" and project.ran(record) == {"stamp"}
+    assert project.read("stamp.txt.log").count("once") == 3
+
+
+def test_right_after_a_fast_build_its_fresh_outputs_are_checked_not_trusted(project):
+    settled_project(project)
+    project.write("in/a.txt", "aa\n")
+    project.build()
+    # The outputs just written are too young to vouch for themselves: the next build re-hashes them.
+    record = project.build()
+    assert record.get("fast_path") == "changes" and project.ran(record) == set()
+    assert record["hashed"]["files"] >= 2
+
+
+# -- differential: on random pipelines and edits, the fast path does exactly what the full path does
+
+
+def random_pipeline(rng: random.Random) -> tuple[str, dict[str, str]]:
+    """A random DAG of small shell stages over a few sources; some transforms lose information."""
+    sources = {f"src/s{index}.txt": f"{rng.choice('abc')}{index}\n" for index in range(rng.randint(1, 4))}
+    available = list(sources)
+    transforms = ["cat $in > $out", "cat $in | head -c 1 > $out", "cat $in | tr a-z A-Z > $out",
+                  "sort -u $in > $out", "cat $in | wc -l | tr -d ' ' > $out"]
+    stages = []
+    for index in range(rng.randint(2, 7)):
+        inputs = rng.sample(available, rng.randint(1, min(3, len(available))))
+        output = f"out/t{index}.txt"
+        stages.append(f"stage t{index}:\n    in: {' '.join(inputs)}\n    out: {output}\n"
+                      f"    run: {rng.choice(transforms)}\n")
+        available.append(output)
+    return "\n".join(stages), sources
+
+
+def random_edit(rng: random.Random, root: Path, sources: dict[str, str]) -> str:
+    outputs = sorted(str(path.relative_to(root)) for path in (root / "out").glob("*.txt"))
+    kind = rng.choice(["content", "same", "first-byte", "delete-output", "edit-output"])
+    if kind.endswith("output") and outputs:
+        path = root / rng.choice(outputs)
+        if kind == "delete-output":
+            path.unlink()
+        else:
+            path.write_text("hand edit\n")
+        return f"{kind} {path.name}"
+    source = rng.choice(sorted(sources))
+    text = (root / source).read_text()
+    new = {"content": text + rng.choice("xyz") + "\n", "same": text,
+           "first-byte": text[:1] + rng.choice("pq") + text[1:]}.get(kind, text + "!\n")
+    (root / source).write_text(new)
+    return f"{kind} {source}"
+
+
+def outputs_of(root: Path) -> dict[str, str]:
+    return {str(path.relative_to(root)): path.read_text() for path in sorted((root / "out").glob("*.txt"))}
+
+
+def ran_in(root: Path) -> set[str]:
+    runs = sorted((root / ".offbuild" / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    record = json.loads(runs[-1].read_text())
+    return record, {job["stage"] for job in record["jobs"] if job["action"] in ("ran", "resumed")}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_fast_path_decides_like_the_full_path(tmp_path, seed):
+    rng = random.Random(seed)
+    pipefile, sources = random_pipeline(rng)
+    fast = Project(tmp_path / "fast")
+    fast.pipefile(pipefile)
+    for path, text in sources.items():
+        fast.write(path, text)
+    fast.build()
+    settle(fast)
+    fast.build()  # learns the settled stats and saves a snapshot that trusts them
+    took_fast_path = 0
+    for step in range(3):
+        edits = [random_edit(rng, fast.root, sources) for _ in range(rng.randint(1, 2))]
+        full = Project(tmp_path / f"full{step}")
+        shutil.copytree(fast.root, full.root, symlinks=True)
+        (full.root / ".offbuild" / "noop.snapshot").unlink(missing_ok=True)  # the full path decides alone
+        fast.run(check=0)
+        full.run(check=0)
+        fast_record, fast_ran = ran_in(fast.root)
+        full_record, full_ran = ran_in(full.root)
+        assert not full_record.get("fast_path")
+        took_fast_path += fast_record.get("fast_path") == "changes"
+        assert fast_ran == full_ran, f"after {edits}: fast path ran {fast_ran}, full path ran {full_ran}"
+        assert outputs_of(fast.root) == outputs_of(full.root), f"after {edits}"
+    assert took_fast_path >= 1  # the test would prove nothing if the snapshot never applied
