@@ -6,11 +6,10 @@ import os
 import sys
 
 from . import inspection, run, snapshot
-from .build import dry_run, remove_stale_outputs
+from .build import remove_stale_outputs
 from .errors import UsageError
 from .executor import LocalExecutor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
-from .planner import Action, Planner
 from .run import EXIT_FAILED, EXIT_OK
 from .session import STATE_DIR, open_project
 
@@ -46,7 +45,7 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
         if args.explain:
             return explain(project, order, args.explain, args.force, args.json)
         if args.dry_run:
-            return show_dry_run(project, order, args.force)
+            return run.show_dry_run(project, order, args.force)
         pipefile, given_targets, given_overrides = snapshot_for
         key = snapshot.snapshot_key(pipefile, given_targets, given_overrides, project.cwd_offset)
         return build(project, order, args, targets, verbosity, key)
@@ -69,16 +68,6 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int,
     return run.build(project, order, args, shown_targets, verbosity, capture=capture, before=remove_stale,
                      estimates=lambda: inspection.planned_durations(project, order, args.force),
                      run_id=run_id, executor=executor)
-
-
-def show_dry_run(project, order: list[str], force: bool) -> int:
-    planner = Planner(project.hasher, project.records, force=force)
-    decisions = dry_run(project.graph, order, planner)
-    would_run = [d for d in decisions if d.action is Action.RUN]
-    for decision in would_run:
-        print(f"would run {decision.job}: {decision.describe()}")
-    print(f"offbuild: dry run: {len(would_run)} would run, {len(decisions) - len(would_run)} up to date")
-    return EXIT_OK
 
 
 def list_stages(project, order: list[str]) -> int:

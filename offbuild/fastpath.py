@@ -19,7 +19,7 @@ from .state import STATE_DIR
 def fast_build(args, targets: list[str], overrides: dict[str, str]) -> int | None:
     """The build's exit code if the snapshot let it take the fast path, else None (cwd unchanged)."""
     plain_build = not (args.explain or args.watch or args.list or args.graph or args.clean or args.lint
-                       or args.dry_run or args.force) and args.verbose <= args.quiet
+                       or args.force) and args.verbose <= args.quiet
     if not plain_build or not os.path.isfile(args.file):
         return None
     started_wall, started = time.time(), time.monotonic()
@@ -43,6 +43,9 @@ def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | 
     if snapshot.store_generation(os.path.join(STATE_DIR, "state.db")) != saved["generation"]:
         return None
     if not changed and not saved["always"]:
+        if args.dry_run:
+            print(f"offbuild: dry run: 0 would run, {len(saved['jobs'].splitlines())} up to date")
+            return 0
         return _record_noop(args, saved, started_wall, started)
     return _build_changes(args, saved, changed)
 
@@ -68,29 +71,49 @@ def _record_noop(args, saved: dict, started_wall: float, started: float) -> int:
     return 0
 
 
+class _Links:
+    """The snapshot's per-job lists: input files, output files, dependent jobs (by index)."""
+
+    def __init__(self, saved: dict):
+        self.order = saved["jobs"].split("\n")
+        self.paths = saved["file_paths"].split("\n")
+        self.in_offsets, self.in_flat = snapshot.load_lists(saved["inputs"])
+        self.out_offsets, self.out_flat = snapshot.load_lists(saved["outputs"])
+        self.next_offsets, self.next_flat = snapshot.load_lists(saved["successors"])
+
+    def inputs(self, job: int):
+        return self.in_flat[self.in_offsets[job]:self.in_offsets[job + 1]]
+
+    def outputs(self, job: int):
+        return self.out_flat[self.out_offsets[job]:self.out_offsets[job + 1]]
+
+    def dependents(self, job: int):
+        return self.next_flat[self.next_offsets[job]:self.next_offsets[job + 1]]
+
+    def affected_by(self, changed: set[int], always: list[int]) -> set[int]:
+        """Jobs reading or making a changed file, `always` jobs, and everything downstream of them
+        (which must be decided again; early cutoff may still skip it)."""
+        affected = set(always)
+        for job in range(len(self.order)):
+            if not changed.isdisjoint(self.inputs(job)) or not changed.isdisjoint(self.outputs(job)):
+                affected.add(job)
+        pending = list(affected)
+        while pending:
+            for after in self.dependents(pending.pop()):
+                if after not in affected:
+                    affected.add(after)
+                    pending.append(after)
+        return affected
+
+
 def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
-    """Decide and run the jobs the changed files affect; None to fall back to the full path."""
-    order = saved["jobs"].split("\n")
-    in_offsets, in_flat = snapshot.load_lists(saved["inputs"])
-    out_offsets, out_flat = snapshot.load_lists(saved["outputs"])
-    next_offsets, next_flat = snapshot.load_lists(saved["successors"])
-    paths = saved["file_paths"].split("\n")
-    made = set(out_flat)
+    """Decide (and unless -n, run) the jobs the changed files affect; None to fall back to the full path."""
+    links = _Links(saved)
     changed_set = set(changed)
-    if any(index not in made and snapshot.stat_tuple(paths[index]) is None for index in changed):
+    made = set(links.out_flat)
+    if any(index not in made and snapshot.stat_tuple(links.paths[index]) is None for index in changed):
         return None  # a source is gone: the full path reports it as a load error, with its location
-    affected = set(saved["always"])
-    for job in range(len(order)):
-        if (not changed_set.isdisjoint(in_flat[in_offsets[job]:in_offsets[job + 1]])
-                or not changed_set.isdisjoint(out_flat[out_offsets[job]:out_offsets[job + 1]])):
-            affected.add(job)
-    pending = list(affected)
-    while pending:  # everything downstream must be decided again (early cutoff may still skip it)
-        job = pending.pop()
-        for after in next_flat[next_offsets[job]:next_offsets[job + 1]]:
-            if after not in affected:
-                affected.add(after)
-                pending.append(after)
+    affected = links.affected_by(changed_set, saved["always"])
     blobs = snapshot.load_jobs(STATE_DIR, saved)
     if blobs is None:
         return None
@@ -98,25 +121,27 @@ def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
     from .executor import LocalExecutor
     from .state import StateStore
 
-    # Files changed, so a recipe will likely run: start the spawner while the jobs are loaded.
-    executor = LocalExecutor(os.getcwd(), STATE_DIR, "", offline=args.offline)
-    executor.warm_up()
-    store = StateStore(os.path.join(STATE_DIR, "state.db"))
+    executor = None
+    if not args.dry_run:  # files changed, so a recipe will likely run: start the spawner while jobs load
+        executor = LocalExecutor(os.getcwd(), STATE_DIR, "", offline=args.offline)
+        executor.warm_up()
+    store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=args.dry_run)
     try:
         start_generation = store.generation()
         if start_generation != saved["generation"]:  # another process wrote since the check
             return None
-        changed_paths = {paths[index] for index in changed}
-        project = _ChangedPart.load(saved, sorted(affected), order, blobs, next_offsets, next_flat, store,
-                                    changed_paths)
-        done = tuple(name for index, name in enumerate(order) if index not in affected)
+        changed_paths = {links.paths[index] for index in changed}
+        project = _ChangedPart.load(saved, sorted(affected), links, blobs, store, changed_paths)
+        done = tuple(name for index, name in enumerate(links.order) if index not in affected)
+        if args.dry_run:
+            return run.show_dry_run(project, project.order, force=False, presumed_done=len(done))
 
         def capture():
             if store.generation() != start_generation + store.bumps:
                 return None
-            outputs = changed_set.union(*(out_flat[out_offsets[job]:out_offsets[job + 1]] for job in affected))
+            outputs = changed_set.union(*(links.outputs(job) for job in affected))
             verified = project.hasher.verified  # still verified: unchanged, not rewritten by a recipe
-            looked_at = {index for index in outputs if paths[index] not in verified}
+            looked_at = {index for index in outputs if links.paths[index] not in verified}
             return snapshot.refresh(saved, project.hasher.entries, looked_at, store.generation())
 
         estimates = {name: record.duration for name, record in project.records.items()}
@@ -125,7 +150,8 @@ def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
                          executor=executor, fast_path=True)
     finally:
         store.close()
-        executor.close()
+        if executor is not None:
+            executor.close()
 
 
 class _ChangedPart:
@@ -145,15 +171,15 @@ class _ChangedPart:
         self.graph = self
 
     @classmethod
-    def load(cls, saved: dict, affected: list[int], order: list[str], blobs: list[bytes], next_offsets, next_flat,
-             store, changed_paths: set[str]) -> _ChangedPart:
+    def load(cls, saved: dict, affected: list[int], links: _Links, blobs: list[bytes], store,
+             changed_paths: set[str]) -> _ChangedPart:
         import pickle
 
         from .hashing import FileHasher
 
-        names = [order[index] for index in affected]
+        names = [links.order[index] for index in affected]
         jobs = {name: pickle.loads(blobs[index]) for name, index in zip(names, affected)}
-        dependents = {name: [order[after] for after in next_flat[next_offsets[index]:next_offsets[index + 1]]]
+        dependents = {name: [links.order[after] for after in links.dependents(index)]
                       for name, index in zip(names, affected)}
         dependencies: dict[str, list[str]] = {name: [] for name in names}
         for name, after in dependents.items():

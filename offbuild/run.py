@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 
 from . import snapshot
-from .build import Builder, Outcome
+from .build import Builder, Outcome, dry_run
 from .executor import LocalExecutor
-from .planner import Planner
+from .planner import Action, Planner
 from .records import iso, new_run_id, write_run_record
 from .reporter import make_reporter
 from .state import STATE_DIR
@@ -66,3 +66,14 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
     if args.json:
         print(json.dumps(record, indent=2))
     return {"ok": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}[result.status]
+
+
+def show_dry_run(project, order: list[str], force: bool, presumed_done: int = 0) -> int:
+    """`-n`: what would run and why; `presumed_done` jobs the fast path proved up to date."""
+    decisions = dry_run(project.graph, order, Planner(project.hasher, project.records, force=force))
+    would_run = [decision for decision in decisions if decision.action is Action.RUN]
+    for decision in would_run:
+        print(f"would run {decision.job}: {decision.describe()}")
+    up_to_date = len(decisions) - len(would_run) + presumed_done
+    print(f"offbuild: dry run: {len(would_run)} would run, {up_to_date} up to date")
+    return EXIT_OK

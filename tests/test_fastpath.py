@@ -274,6 +274,8 @@ def test_the_fast_path_decides_like_the_full_path(tmp_path, seed):
         full = Project(tmp_path / f"full{step}")
         shutil.copytree(fast.root, full.root, symlinks=True)
         (full.root / ".offbuild" / "noop.snapshot").unlink(missing_ok=True)  # the full path decides alone
+        dry_fast, dry_full = fast.run("-n", check=0).stdout, full.run("-n", check=0).stdout
+        assert sorted(dry_fast.splitlines()) == sorted(dry_full.splitlines()), f"after {edits}"
         fast.run(check=0)
         full.run(check=0)
         fast_record, fast_ran = ran_in(fast.root)
