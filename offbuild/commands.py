@@ -9,7 +9,7 @@ import time
 from . import inspection
 from .build import Builder, dry_run, remove_stale_outputs
 from .errors import UsageError
-from .executor import LocalExecutor
+from .executor import Executor, LocalExecutor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
 from .planner import Action, Planner
 from .noop import build_snapshot, save_snapshot, snapshot_key
@@ -28,7 +28,7 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
     if args.watch:
         from .watch import watch  # watchdog is imported in watch mode only
 
-        return watch(args, targets, overrides, build)
+        return watch(args, targets, overrides, build, make_executor)
     # Only a build or --clean may write; the others look without touching the disk.
     readonly = bool(args.explain or args.dry_run or args.list or args.graph or args.lint) and not args.clean
     snapshot_for = (os.path.abspath(args.file), list(targets), dict(overrides))  # before open_project's chdir
@@ -61,22 +61,22 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
 
 def build(project, order: list[str], args, targets: list[str], verbosity: int,
           snapshot_key: tuple | None = None, *, run_id: str | None = None,
-          executor: LocalExecutor | None = None) -> int:
+          executor: Executor | None = None) -> int:
     """One build of `order`; watch mode passes its long-lived `executor` (closed by its owner) and a run id."""
     started_wall, started = time.time(), time.monotonic()
     run_id = run_id or args.run_id or new_run_id()
     reporter = make_reporter(len(order), verbosity, sys.stderr if args.json else sys.stdout, parallel=args.jobs,
                              estimates=lambda: inspection.planned_durations(project, order, args.force))
-    remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
-    planner = Planner(project.hasher, project.records, force=args.force)
     owned = executor is None
-    if owned:
-        executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=reporter.message)
+    if owned:  # before anything changes on disk: an unreachable cluster is a usage error
+        executor = make_executor(args, run_id, reporter.message)
     else:
         executor.run_id, executor.warn = run_id, reporter.message
     try:
+        remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
+        planner = Planner(project.hasher, project.records, force=args.force)
         if args.offline == "strict":
-            executor.spawner(isolate=True)  # refuse before anything runs
+            executor.require_isolation()  # refuse before anything runs
         builder = Builder(project.graph, order, project.store, project.hasher, planner, executor, reporter,
                           jobs=args.jobs, keep_going=args.keep_going, run_id=run_id)
         result = builder.run()
@@ -99,6 +99,20 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int,
     if args.json:
         print(json.dumps(record, indent=2))
     return {"ok": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}[result.status]
+
+
+def make_executor(args, run_id: str, warn=lambda text: None) -> Executor:
+    """The executor `--executor` names: local processes, or a Dask cluster (dask imported only then)."""
+    if getattr(args, "executor", "local") != "dask":
+        return LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=warn)
+    try:
+        from .dask_executor import DaskExecutor
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in ("dask", "distributed"):
+            raise
+        raise UsageError("--executor dask needs Dask's distributed package: pip install 'offbuild[dask]'"
+                         f" ({error})") from None
+    return DaskExecutor(os.getcwd(), STATE_DIR, run_id, args.scheduler, offline=args.offline, warn=warn)
 
 
 def show_dry_run(project, order: list[str], force: bool) -> int:
