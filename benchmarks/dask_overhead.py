@@ -70,17 +70,19 @@ class Cluster:
             client.wait_for_workers(2, timeout=60)
 
     def stop(self) -> None:
-        for process in self.processes:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        """Workers first (a worker whose scheduler is gone lingers, retrying), then the scheduler."""
+        for group in (self.processes[1:], self.processes[:1]):
+            for process in group:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            for process in group:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
 
 
 def write_project(folder: str, jobs: int) -> None:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,17 +79,20 @@ class Cluster:
         self.processes[name].wait()
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        """Workers first (a worker whose scheduler is gone lingers, retrying), then the scheduler."""
+        workers = [process for name, process in self.processes.items() if name != "scheduler"]
+        for group in (workers, [self.processes["scheduler"]]):
+            for process in group:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+            for process in group:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +314,7 @@ def test_a_lost_worker_means_its_job_is_retried_on_the_other(project, cluster):
         if build.poll() is None:
             build.kill()
     assert build.returncode == 0, stderr
+    assert "Traceback" not in stderr and "distributed" not in stderr  # no noise from Dask's logging
     survivor = next(name for name in WORKERS if name != victim)
     first, second = project.read("ran.txt").splitlines()
     assert second.split()[0] == survivor and project.read("long.txt") == f"{survivor}\n"
@@ -426,3 +431,48 @@ def test_version_and_builds_without_dask_never_import_it(project):
         assert result.returncode == 0, result.stderr
         imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
         assert not imported & {"dask", "distributed"}, args
+
+
+def test_a_killed_offbuild_leaves_no_recipe_running_on_the_workers(project, cluster):
+    project.pipefile("""
+        stage long:
+            out: long.txt
+            run: echo $$$$ > pid; sleep 30
+        """)
+    build = subprocess.Popen([sys.executable, "-m", "offbuild", *on(cluster)], cwd=project.root,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: project.exists("pid") and project.read("pid").endswith("\n"))
+    finally:
+        build.kill()  # SIGKILL: no chance to tell anyone; the scheduler releases its tasks
+        build.wait()
+    wait_for(lambda: not alive(int(project.read("pid"))), timeout=10)
+
+
+def test_watch_mode_rebuilds_through_the_cluster(project, cluster):
+    project.write("data/a.txt", "apple\n")
+    project.pipefile("""
+        stage up:
+            in:  data/a.txt
+            out: out/a.up
+            run: tr a-z A-Z < $in > $out
+        """)
+    watch = subprocess.Popen([sys.executable, "-m", "offbuild", "--watch", *on(cluster)], cwd=project.root,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(watch.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(line.startswith("offbuild: watching") for line in lines))
+        assert project.read("out/a.up") == "APPLE\n"
+        project.write("data/a.txt", "apricot\n")
+        wait_for(lambda: project.read("out/a.up") == "APRICOT\n")
+        wait_for(lambda: sum(line.startswith("offbuild: done") for line in lines) == 2)
+        assert project.last_record()["jobs"][0]["worker"] in WORKERS
+        watch.send_signal(signal.SIGINT)
+        watch.wait(timeout=20)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    reader.join(timeout=5)
+    assert watch.returncode == 130, "".join(lines)
