@@ -59,6 +59,8 @@ class Cluster:
 
     def start(self) -> None:
         port = self.address.rsplit(":", 1)[1]
+        # A task survives one dead worker; the second makes Dask give up on it (KilledWorker).
+        self.env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = "1"
         self._start("scheduler", ["dask", "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"])
         self.ensure_workers()
 
@@ -320,6 +322,27 @@ def test_a_lost_worker_means_its_job_is_retried_on_the_other(project, cluster):
     assert second.split()[0] == survivor and project.read("long.txt") == f"{survivor}\n"
     assert json.loads(stdout)["jobs"][0]["worker"] == survivor
     wait_for(lambda: not alive(int(pid)), timeout=5)  # the recipe died with its worker
+
+
+def test_a_job_whose_workers_all_die_fails_with_dasks_reason(project, cluster):
+    project.pipefile("""
+        stage doomed:
+            out: doomed.txt
+            run: echo "$$OFFBUILD_WORKER" >> ran.txt; sleep 30
+        """)
+    build = subprocess.Popen([sys.executable, "-m", "offbuild", *on(cluster)],
+                             cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for count in (1, 2):
+            wait_for(lambda: project.exists("ran.txt") and len(project.read("ran.txt").splitlines()) == count)
+            cluster.kill(project.read("ran.txt").splitlines()[-1])
+        stdout, stderr = build.communicate(timeout=30)
+    finally:
+        if build.poll() is None:
+            build.kill()
+    assert build.returncode == 1, stdout + stderr
+    assert "Dask gave up on it: 2 workers died while running it" in stdout
+    assert project.last_record()["jobs"][0]["exit_code"] == 137
 
 
 def test_a_pool_stage_runs_only_on_the_worker_with_the_resource(project, cluster):
