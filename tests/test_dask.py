@@ -403,6 +403,7 @@ def test_the_scheduler_may_come_from_the_environment(project, cluster):
     assert record["jobs"][0]["worker"] in WORKERS
 
 
+@pytest.mark.slow  # the client gives the scheduler 5 s to answer
 def test_an_unreachable_scheduler_is_a_usage_error(project):
     project.pipefile("""
         stage a:
