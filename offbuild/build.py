@@ -8,7 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .executor import NETWORK_HINT, NETWORK_SYMPTOMS, LocalExecutor, RecipeResult
+from .executor import NETWORK_HINT, NETWORK_SYMPTOMS, Executor, RecipeResult
 from .hashing import FileHasher
 from .locks import JobLocks
 from .planner import Action, Decision, Planner, Reason, job_options
@@ -36,10 +36,14 @@ class Outcome:
             entry["key"] = self.decision.key
         if self.result is not None:
             entry["attempts"] = [{"attempt": a.number, "exit_code": a.exit_code, "duration": round(a.duration, 4),
-                                  **({"timed_out": True} if a.timed_out else {})} for a in self.result.attempts]
+                                  **({"timed_out": True} if a.timed_out else {}),
+                                  **({"worker": a.worker} if a.worker is not None else {})}
+                                 for a in self.result.attempts]
             entry["duration"] = round(self.result.duration, 4)
             entry["exit_code"] = self.result.exit_code
             entry["log"] = self.result.log_path
+            if self.result.worker is not None:
+                entry["worker"] = self.result.worker
         if self.error:
             entry["error"] = self.error
         return entry
@@ -61,7 +65,7 @@ class Builder:
     """Runs the jobs of `order` (already in dependency order) with at most `jobs` at once."""
 
     def __init__(self, graph: BuildGraph, order: list[str], store: StateStore, hasher: FileHasher,
-                 planner: Planner, executor: LocalExecutor, reporter: Reporter, *, jobs: int,
+                 planner: Planner, executor: Executor, reporter: Reporter, *, jobs: int,
                  keep_going: bool, run_id: str):
         self.graph = graph
         self.order = order
@@ -205,7 +209,7 @@ class Builder:
     def _complete(self, name: str, decision: Decision, result: RecipeResult) -> bool:
         job = self.graph.jobs[name]
         if not result.ok:
-            detail = f"exit code {result.exit_code}"
+            detail = result.error or f"exit code {result.exit_code}"
             if result.attempts and result.attempts[-1].timed_out:
                 detail = f"timed out after {job.stage.timeout:g}s"
             if len(result.attempts) > 1:

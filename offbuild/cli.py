@@ -10,7 +10,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import OffbuildError
+from .errors import OffbuildError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 GRAPH_FORMATS = ("dot", "mermaid", "json")
@@ -42,6 +42,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-id", metavar="ID", help="name this run")
     parser.add_argument("--offline", choices=("auto", "strict", "off"), default="auto",
                         help="network isolation of recipes: auto (default; warn if impossible), strict, off")
+    parser.add_argument("--executor", choices=("local", "dask"), default="local",
+                        help="where recipes run: local processes (default) or a Dask cluster (needs --scheduler)")
+    parser.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                        help="the Dask scheduler for --executor dask (default: $OFFBUILD_SCHEDULER); its workers"
+                             " must see this project's files at the same paths")
     parser.add_argument("--lint", action="store_true",
                         help="list Python recipe scripts that import networking modules")
     parser.add_argument("-q", dest="quiet", action="count", default=0, help="less output")
@@ -88,6 +93,16 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _check_executor(args) -> None:
+    """`--executor dask` needs a scheduler (flag or OFFBUILD_SCHEDULER); `--scheduler` needs dask."""
+    if args.executor == "dask":
+        args.scheduler = args.scheduler or os.environ.get("OFFBUILD_SCHEDULER") or None
+        if not args.scheduler:
+            raise UsageError("--executor dask needs --scheduler tcp://HOST:PORT (or OFFBUILD_SCHEDULER)")
+    elif args.scheduler:
+        raise UsageError("--scheduler is for --executor dask")
+
+
 def _dispatch(args) -> int:
     # Imported here so `--version` and `--help` stay instant.
     from .fastpath import fast_build
@@ -105,6 +120,7 @@ def _dispatch(args) -> int:
             targets.append(item)
     if args.run_id is not None and not RUN_ID.match(args.run_id):
         raise OffbuildError(f"bad run id '{args.run_id}' (letters, digits, '.', '_' and '-')")
+    _check_executor(args)
     exit_code = fast_build(args, targets, overrides)
     if exit_code is not None:
         return exit_code

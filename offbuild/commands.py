@@ -8,7 +8,7 @@ import sys
 from . import inspection, run, snapshot
 from .build import remove_stale_outputs
 from .errors import UsageError
-from .executor import LocalExecutor
+from .executor import Executor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
 from .run import EXIT_FAILED, EXIT_OK
 from .session import STATE_DIR, open_project
@@ -22,7 +22,7 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
     if args.watch:
         from .watch import watch  # watchdog is imported in watch mode only
 
-        return watch(args, targets, overrides, build)
+        return watch(args, targets, overrides, build, run.make_executor)
     # Only a build or --clean may write; the others look without touching the disk.
     readonly = bool(args.explain or args.dry_run or args.list or args.graph or args.lint) and not args.clean
     snapshot_for = (os.path.abspath(args.file), list(targets), dict(overrides))  # before open_project's chdir
@@ -55,7 +55,7 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
 
 def build(project, order: list[str], args, targets: list[str], verbosity: int,
           snapshot_key: tuple | None = None, *, run_id: str | None = None,
-          executor: LocalExecutor | None = None) -> int:
+          executor: Executor | None = None) -> int:
     """One full-path build of `order`; watch mode passes its long-lived `executor` and a run id."""
     shown_targets = targets or [spec.text for spec in project.targets([])]
 

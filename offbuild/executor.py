@@ -1,4 +1,9 @@
-"""Runs one recipe: `sh -e` in its own process group, output to a log, timeout, retries."""
+"""Runs one recipe: `sh -e` in its own process group, output to a log, timeout, retries.
+
+`Executor` is the seam the Builder uses; `LocalExecutor` runs recipes on this machine and
+`dask_executor.DaskExecutor` on a Dask cluster. Both share `run_with_retries`, each providing
+its own single attempt.
+"""
 from __future__ import annotations
 
 import os
@@ -8,8 +13,10 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Protocol
 from urllib.parse import quote
 
 from .errors import OffbuildError
@@ -26,6 +33,8 @@ class Attempt:
     exit_code: int
     duration: float
     timed_out: bool = False
+    worker: str | None = None  # where it ran, when not on this machine
+    error: str = ""  # why it could not run or finish, when the exit code alone would not say
 
 
 @dataclass(slots=True)
@@ -37,6 +46,8 @@ class RecipeResult:
     log_path: str
     attempts: list[Attempt] = field(default_factory=list)
     interrupted: bool = False
+    worker: str | None = None  # the Dask worker that ran the last attempt
+    error: str = ""  # the last attempt's error, if it could not run or finish
 
     @property
     def ok(self) -> bool:
@@ -68,6 +79,77 @@ NETWORK_SYMPTOMS = re.compile(
     r"|no route to host|nodename nor servname", re.I)
 
 
+class Executor(Protocol):
+    """What the Builder (and `commands.build`) needs from whatever runs recipes."""
+
+    state_dir: str
+    run_id: str
+    warn: Callable[[str], None]
+    stopping: threading.Event
+
+    def run(self, job: Job) -> RecipeResult:
+        """Run the job's recipe with its retries; blocks until it ends."""
+
+    def interrupt(self) -> None:
+        """Stop every running recipe; `run` calls return soon after, marked interrupted."""
+
+    def checkpoint_path(self, job: Job) -> str:
+        """Where a checkpoint stage's job keeps its checkpoint."""
+
+    def is_isolated(self, job: Job) -> bool:
+        """Whether this job's recipe ran without network access."""
+
+    def require_isolation(self) -> None:
+        """For --offline=strict: raise OffbuildError unless recipes can be isolated."""
+
+    def offline_status(self) -> dict:
+        """The run record's `offline` section."""
+
+    def close(self) -> None:
+        """Release processes and connections."""
+
+
+def run_with_retries(job: Job, log_path: str, attempt: Callable[[int, BinaryIO], Attempt],
+                     stopping: threading.Event) -> RecipeResult:
+    """Truncate the job's log, then `attempt(number, log)` until one succeeds, the stage's
+    retries (exponential backoff with jitter; only `retry-on` codes) run out, or `stopping` is set."""
+    stage = job.stage
+    started = time.monotonic()
+    attempts: list[Attempt] = []
+    open(log_path, "wb").close()  # truncate; the recipe's output is appended by the spawner
+    with open(log_path, "ab") as log:
+        for number in range(1, stage.retries + 2):
+            result = attempt(number, log)
+            attempts.append(result)
+            if result.exit_code == 0 or stopping.is_set():
+                break
+            if stage.retry_on and result.exit_code not in stage.retry_on:
+                break
+            if number <= stage.retries:
+                delay = stage.backoff * (2 ** (number - 1)) * random.uniform(0.9, 1.1)
+                log.write(f"offbuild: attempt {number} exited {result.exit_code}; retrying in {delay:.1f}s\n".encode())
+                log.flush()
+                if stopping.wait(delay):
+                    break
+    last = attempts[-1]
+    return RecipeResult(last.exit_code, time.monotonic() - started, log_path, attempts, stopping.is_set(),
+                        worker=last.worker, error=last.error)
+
+
+def recipe_env(environ: dict[str, str], job: Job, run_id: str, number: int, checkpoint: str | None) -> dict[str, str]:
+    """The environment of one attempt: offbuild's own plus the OFFBUILD_* variables."""
+    env = dict(environ)
+    env.update(OFFBUILD_STAGE=job.name, OFFBUILD_RUN_ID=run_id, OFFBUILD_ATTEMPT=str(number))
+    if checkpoint is not None:
+        env["OFFBUILD_CHECKPOINT"] = os.path.abspath(checkpoint)
+    return env
+
+
+def exit_code_of(returncode: int, timed_out: bool) -> int:
+    """A timeout counts as 124 and death by signal N as 128+N, for `retry-on` and the record."""
+    return TIMEOUT_EXIT_CODE if timed_out else (128 - returncode if returncode < 0 else returncode)
+
+
 class LocalExecutor:
     """Starts recipes through spawners (see spawner.py); `interrupt()` stops every running one.
 
@@ -93,6 +175,10 @@ class LocalExecutor:
         self._running: dict[str, object] = {}
         self._lock = threading.Lock()
         os.makedirs(self.log_dir, exist_ok=True)
+
+    def require_isolation(self) -> None:
+        """For --offline=strict: start the isolated spawner now, so a refusal comes before anything runs."""
+        self.spawner(isolate=True)
 
     def spawner(self, isolate: bool) -> Spawner:
         """The spawner for isolated or networked recipes, started on first use."""
@@ -153,34 +239,14 @@ class LocalExecutor:
 
     def run(self, job: Job) -> RecipeResult:
         """Run the recipe, retrying as the stage allows; output goes to the job's log."""
-        log_path = log_path_for(self.log_dir, job.name)
-        stage = job.stage
-        started = time.monotonic()
-        attempts: list[Attempt] = []
-        open(log_path, "wb").close()  # truncate; the recipe's output is appended by the spawner
-        with open(log_path, "ab") as log:
-            for number in range(1, stage.retries + 2):
-                attempt = self._attempt(job, number, log)
-                attempts.append(attempt)
-                if attempt.exit_code == 0 or self.stopping.is_set():
-                    break
-                if stage.retry_on and attempt.exit_code not in stage.retry_on:
-                    break
-                if number <= stage.retries:
-                    delay = stage.backoff * (2 ** (number - 1)) * random.uniform(0.9, 1.1)
-                    log.write(f"offbuild: attempt {number} exited {attempt.exit_code}; retrying in {delay:.1f}s\n".encode())
-                    log.flush()
-                    if self.stopping.wait(delay):
-                        break
-        last = attempts[-1]
-        return RecipeResult(last.exit_code, time.monotonic() - started, log_path, attempts, self.stopping.is_set())
+        return run_with_retries(job, log_path_for(self.log_dir, job.name),
+                                lambda number, log: self._attempt(job, number, log), self.stopping)
 
     def _attempt(self, job: Job, number: int, log) -> Attempt:
-        env = dict(self.environ)
-        env.update(OFFBUILD_STAGE=job.name, OFFBUILD_RUN_ID=self.run_id, OFFBUILD_ATTEMPT=str(number))
         if job.stage.checkpoint:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
-            env["OFFBUILD_CHECKPOINT"] = os.path.abspath(self.checkpoint_path(job))
+        env = recipe_env(self.environ, job, self.run_id, number,
+                         self.checkpoint_path(job) if job.stage.checkpoint else None)
         started = time.monotonic()
         spawner = self.spawner(isolate=not job.stage.network)
         log.flush()
@@ -200,29 +266,27 @@ class LocalExecutor:
             timed_out = True
             log.write(f"\noffbuild: timed out after {job.stage.timeout:g}s; stopping the recipe\n".encode())
             log.flush()
-            _terminate_group(process)
+            terminate_group(process)
         finally:
             with self._lock:
                 self._running.pop(job.name, None)
-        code = process.returncode
-        exit_code = TIMEOUT_EXIT_CODE if timed_out else (128 - code if code < 0 else code)
-        return Attempt(number, exit_code, time.monotonic() - started, timed_out)
+        return Attempt(number, exit_code_of(process.returncode, timed_out), time.monotonic() - started, timed_out)
 
     def interrupt(self) -> None:
         """Stop every running recipe's process group (SIGTERM, then SIGKILL after a grace)."""
         self.stopping.set()
         with self._lock:
             running = list(self._running.values())
-        threads = [threading.Thread(target=_terminate_group, args=(process,)) for process in running]
+        threads = [threading.Thread(target=terminate_group, args=(process,)) for process in running]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
 
 
-def _terminate_group(process) -> None:
+def terminate_group(process, grace: float = KILL_GRACE_SECONDS) -> None:
     """SIGTERM the whole group, SIGKILL it if still alive after the grace period."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:

@@ -122,9 +122,10 @@ def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
     from .state import StateStore
 
     executor = None
-    if not args.dry_run:  # files changed, so a recipe will likely run: start the spawner while jobs load
-        executor = LocalExecutor(os.getcwd(), STATE_DIR, "", offline=args.offline)
-        executor.warm_up()
+    if not args.dry_run:
+        executor = run.make_executor(args, "")
+        if isinstance(executor, LocalExecutor):  # a recipe will likely run: start the spawner while jobs load
+            executor.warm_up()
     store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=args.dry_run)
     try:
         start_generation = store.generation()

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from . import snapshot
 from .build import Builder, Outcome, dry_run
-from .executor import LocalExecutor
+from .errors import UsageError
+from .executor import Executor, LocalExecutor
 from .planner import Action, Planner
 from .records import iso, new_run_id, write_run_record
 from .reporter import make_reporter
@@ -22,7 +23,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 def build(project, order: list[str], args, shown_targets: list[str], verbosity: int, *,
           estimates: Callable[[], dict[str, float | None]] | None = None,
           capture: Callable[[], tuple | dict | None] | None = None, presumed_done: tuple[str, ...] = (),
-          run_id: str | None = None, executor: LocalExecutor | None = None,
+          run_id: str | None = None, executor: Executor | None = None,
           before: Callable[[object], None] | None = None, fast_path: bool = False) -> int:
     """Build `order` and record the run. `presumed_done` are jobs the fast path proved up to date
     (counted as skipped), `fast_path` says the fast path chose what to decide; `capture` makes the snapshot to save after a good build (None removes it);
@@ -31,17 +32,17 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
     run_id = run_id or args.run_id or new_run_id()
     reporter = make_reporter(len(order) + len(presumed_done), verbosity, sys.stderr if args.json else sys.stdout,
                              parallel=args.jobs, estimates=estimates)
-    if before is not None:
-        before(reporter)
-    planner = Planner(project.hasher, project.records, force=args.force)
     owned = executor is None
-    if owned:
-        executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=reporter.message)
+    if owned:  # before anything changes on disk: an unreachable cluster is a usage error
+        executor = make_executor(args, run_id, reporter.message)
     else:
         executor.run_id, executor.warn = run_id, reporter.message
     try:
+        if before is not None:
+            before(reporter)
+        planner = Planner(project.hasher, project.records, force=args.force)
         if args.offline == "strict":
-            executor.spawner(isolate=True)  # refuse before anything runs
+            executor.require_isolation()  # refuse before anything runs
         builder = Builder(project.graph, order, project.store, project.hasher, planner, executor, reporter,
                           jobs=args.jobs, keep_going=args.keep_going, run_id=run_id)
         result = builder.run()
@@ -77,3 +78,17 @@ def show_dry_run(project, order: list[str], force: bool, presumed_done: int = 0)
     up_to_date = len(decisions) - len(would_run) + presumed_done
     print(f"offbuild: dry run: {len(would_run)} would run, {up_to_date} up to date")
     return EXIT_OK
+
+
+def make_executor(args, run_id: str, warn=lambda text: None) -> Executor:
+    """The executor `--executor` names: local processes, or a Dask cluster (dask imported only then)."""
+    if getattr(args, "executor", "local") != "dask":
+        return LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=warn)
+    try:
+        from .dask_executor import DaskExecutor
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in ("dask", "distributed"):
+            raise
+        raise UsageError("--executor dask needs Dask's distributed package: pip install 'offbuild[dask]'"
+                         f" ({error})") from None
+    return DaskExecutor(os.getcwd(), STATE_DIR, run_id, args.scheduler, offline=args.offline, warn=warn)

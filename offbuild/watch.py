@@ -17,12 +17,12 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .errors import LoadError, OffbuildError, UsageError
-from .executor import LocalExecutor
+from .executor import Executor
 from .graph import normalize
 from .hashing import hash_file_contents
 from .model import Pipeline
 from .records import new_run_id
-from .session import STATE_DIR, Project, open_project
+from .session import Project, open_project
 from .watchlogic import (FOLDER, Debouncer, EventKind, FsEvent, WatchSet, header, new_folders, settle,
                          watch_set_for)
 
@@ -33,14 +33,15 @@ LONGEST_SECONDS = 1.0
 EXIT_INTERRUPTED = 130
 
 BuildPass = Callable[..., int]  # commands.build
+MakeExecutor = Callable[..., Executor]  # commands.make_executor
 
 
-def watch(args, targets: list[str], overrides: dict[str, str], build: BuildPass) -> int:
+def watch(args, targets: list[str], overrides: dict[str, str], build: BuildPass, make_executor: MakeExecutor) -> int:
     """Build, then build again after each settled burst of relevant changes. Runs until Ctrl-C
     (exit code 130); a failing job or a Pipefile error is reported and watching goes on."""
     if args.dry_run:
         raise UsageError("--watch and -n cannot be combined")
-    session = _Session(args, targets, overrides, build)
+    session = _Session(args, targets, overrides, build, make_executor)
     try:
         return session.run()
     finally:
@@ -94,11 +95,13 @@ class _Inbox(FileSystemEventHandler):
 class _Session:
     """The state carried from one build pass to the next."""
 
-    def __init__(self, args, targets: list[str], overrides: dict[str, str], build: BuildPass):
+    def __init__(self, args, targets: list[str], overrides: dict[str, str], build: BuildPass,
+                 make_executor: MakeExecutor):
         self.args = args
         self.targets = targets
         self.overrides = overrides
         self.build = build
+        self.make_executor = make_executor
         self.verbosity = args.verbose - args.quiet
         self.pipefile = os.path.abspath(args.file)
         self.root = os.path.dirname(self.pipefile)
@@ -106,7 +109,7 @@ class _Session:
         self.cwd_offset = os.path.relpath(os.getcwd(), self.root)
         self.shown_from = getattr(args, "invocation_dir", None) or os.getcwd()
         self.passes = 0
-        self.executor: LocalExecutor | None = None  # kept across passes: its spawner starts once
+        self.executor: Executor | None = None  # kept across passes: its spawner (or Dask client) starts once
         self.last_pipeline: Pipeline | None = None  # reused while its files are unchanged
         self.sources = [self.pipefile]  # the Pipefile and includes of the last load that worked
         self.inbox = _Inbox(self.root, Debouncer(QUIET_SECONDS, LONGEST_SECONDS))
@@ -182,7 +185,7 @@ class _Session:
         run_id = args.run_id and (args.run_id if first else f"{args.run_id}.{self.passes}")
         run_id = run_id or new_run_id()
         if self.executor is None:
-            self.executor = LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline)
+            self.executor = self.make_executor(args, run_id)
         return self.build(project, order, args, self.targets, self.verbosity, run_id=run_id, executor=self.executor)
 
     def _remember(self, project: Project, watch_set: WatchSet, before: dict[str, str | None]) -> None:
