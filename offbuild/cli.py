@@ -42,6 +42,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-id", metavar="ID", help="name this run")
     parser.add_argument("--offline", choices=("auto", "strict", "off"), default="auto",
                         help="network isolation of recipes: auto (default; warn if impossible), strict, off")
+    parser.add_argument("--cache", metavar="DIR_OR_URL",
+                        help="a shared cache of outputs by stage key: a folder or an fsspec URL (s3://...);"
+                             " also $OFFBUILD_CACHE or `cache = ...` in the Pipefile")
+    parser.add_argument("--no-cache", action="store_true", help="use no cache, whatever is configured")
+    parser.add_argument("--cache-prune", metavar="SIZE",
+                        help="delete least-recently-used cache entries until the cache fits SIZE (500M, 2G)")
     parser.add_argument("--lint", action="store_true",
                         help="list Python recipe scripts that import networking modules")
     parser.add_argument("-q", dest="quiet", action="count", default=0, help="less output")

@@ -8,10 +8,11 @@ import time
 
 from . import inspection
 from .build import Builder, dry_run, remove_stale_outputs
+from .cache import PIPEFILE_VARIABLE, OutputCache, cache_location, parse_size, why_not_cached
 from .errors import UsageError
 from .executor import LocalExecutor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
-from .planner import Action, Planner
+from .planner import Action, Planner, Reason
 from .noop import build_snapshot, save_snapshot, snapshot_key
 from .records import iso, new_run_id, write_run_record
 from .reporter import make_reporter
@@ -22,9 +23,14 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
     """Load the project named by `args` and run the mode the flags ask for."""
-    modes = [flag for flag in ("explain", "watch", "list", "graph", "clean", "lint") if getattr(args, flag)]
+    modes = [flag for flag in ("explain", "watch", "list", "graph", "clean", "lint", "cache_prune")
+             if getattr(args, flag)]
     if len(modes) > 1:
-        raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
+        raise UsageError(f"--{modes[0]} and --{modes[1].replace('_', '-')} cannot be combined")
+    # --cache and $OFFBUILD_CACHE are paths from where the user stands, so resolve them before any chdir.
+    args.user_cache = None if args.no_cache else cache_location(args.cache, os.environ, None, os.getcwd(), "")
+    if args.cache_prune:
+        return prune_cache(args, overrides)
     if args.watch:
         from .watch import watch  # watchdog is imported in watch mode only
 
@@ -49,7 +55,8 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
         if args.clean:
             return clean(project, order, args.dry_run, verbosity)
         if args.explain:
-            return explain(project, order, args.explain, args.force, args.json)
+            cache = open_cache(args, project, create=False, warn=lambda text: print(text, file=sys.stderr))
+            return explain(project, order, args.explain, args.force, args.json, cache)
         if args.dry_run:
             return show_dry_run(project, order, args.force)
         pipefile, given_targets, given_overrides = snapshot_for
@@ -67,6 +74,7 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int,
     run_id = run_id or args.run_id or new_run_id()
     reporter = make_reporter(len(order), verbosity, sys.stderr if args.json else sys.stdout, parallel=args.jobs,
                              estimates=lambda: inspection.planned_durations(project, order, args.force))
+    cache = open_cache(args, project, create=True, warn=reporter.message)  # before anything is removed or run
     remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
     planner = Planner(project.hasher, project.records, force=args.force)
     owned = executor is None
@@ -78,7 +86,7 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int,
         if args.offline == "strict":
             executor.spawner(isolate=True)  # refuse before anything runs
         builder = Builder(project.graph, order, project.store, project.hasher, planner, executor, reporter,
-                          jobs=args.jobs, keep_going=args.keep_going, run_id=run_id)
+                          jobs=args.jobs, keep_going=args.keep_going, run_id=run_id, cache=cache)
         result = builder.run()
     finally:
         if owned:
@@ -152,12 +160,13 @@ def clean(project, order: list[str], dry: bool, verbosity: int) -> int:
     return EXIT_OK
 
 
-def explain(project, order: list[str], target: str, force: bool, as_json: bool) -> int:
+def explain(project, order: list[str], target: str, force: bool, as_json: bool, cache: OutputCache | None) -> int:
     """`--explain T`: runs nothing and writes nothing; prints the planner's reasons per job."""
     decisions = list(inspection.plan(project, order, force).values())
     checkpoints = {name: inspection.checkpoint_file(STATE_DIR, project.graph.jobs[name])
                    for name in order if project.graph.jobs[name].stage.checkpoint}
-    explanations = explain_jobs(decisions, project.records, project.store.load_decisions(), checkpoints)
+    cached = cache_states(project, decisions, cache) if cache is not None and not force else None
+    explanations = explain_jobs(decisions, project.records, project.store.load_decisions(), checkpoints, cached)
     if as_json:
         print(json.dumps(render_json(explanations, target), indent=2, ensure_ascii=False))
     else:
@@ -174,3 +183,58 @@ def run_lint(project, order: list[str]) -> int:
         print(finding)
     print(f"offbuild: lint: {len(findings)} finding(s)")
     return EXIT_FAILED if findings else EXIT_OK
+
+
+def open_cache(args, project, *, create: bool, warn) -> OutputCache | None:
+    """The cache this build uses (`--cache` > $OFFBUILD_CACHE > the Pipefile's `cache = ...`), or None."""
+    if getattr(args, "no_cache", False):
+        return None
+    location = getattr(args, "user_cache", None) or cache_location(
+        None, {}, project.pipeline.variables.get(PIPEFILE_VARIABLE), "", os.getcwd())
+    return OutputCache.open(location, create=create, warn=warn) if location else None
+
+
+def cache_states(project, decisions, cache: OutputCache) -> dict[str, str]:
+    """For `--explain`, per job that would run: "hit" (the cache holds its key), "miss", "never: <why>"
+    or "unknown" (its key depends on upstream jobs that have yet to run). Reads only."""
+    states = {}
+    for decision in decisions:
+        if decision.action is not Action.RUN:
+            continue
+        refusal = why_not_cached(project.graph.jobs[decision.job])
+        if refusal is not None:
+            states[decision.job] = f"never: {refusal}"
+        elif any(why.reason in (Reason.UPSTREAM_WILL_RUN, Reason.INPUT_MISSING) for why in decision.reasons):
+            states[decision.job] = "unknown"
+        else:
+            states[decision.job] = "hit" if cache.lookup(decision.key) is not None else "miss"
+    return states
+
+
+def prune_cache(args, overrides: dict[str, str]) -> int:
+    """`--cache-prune SIZE`: shrink the configured cache to SIZE, least recently used entries first."""
+    limit = parse_size(args.cache_prune)
+    warn = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    if args.user_cache:  # no Pipefile needed (a CI job that only maintains the cache)
+        cache = OutputCache.open(args.user_cache, create=False, warn=warn)
+    else:
+        project = open_project(args.file, overrides, getattr(args, "invocation_dir", None), readonly=True)
+        try:
+            cache = open_cache(args, project, create=False, warn=warn)
+        finally:
+            project.store.close()
+    if cache is None:
+        raise UsageError("--cache-prune needs a cache: --cache DIR_OR_URL, $OFFBUILD_CACHE or 'cache = ...'"
+                         " in the Pipefile")
+    report = cache.prune(limit)
+    print(f"offbuild: cache {cache.location}: removed {report.entries_removed} entries and "
+          f"{report.blobs_removed} blobs; {_size(report.bytes_before)} → {_size(report.bytes_after)}"
+          f" (limit {_size(limit)})")
+    return EXIT_OK
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return f"{count}B"

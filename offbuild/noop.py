@@ -148,7 +148,7 @@ def _store_generation(path: str) -> int | None:
 def fast_noop(args, targets: list[str], overrides: dict[str, str]) -> int | None:
     """Exit code 0 after recording an all-skipped run, if the snapshot proves it; else None."""
     plain_build = not (args.explain or args.watch or args.list or args.graph or args.clean or args.lint
-                       or args.dry_run or args.force) and args.verbose <= args.quiet
+                       or args.dry_run or args.force or args.cache_prune) and args.verbose <= args.quiet
     if not plain_build or not os.path.isfile(args.file):
         return None
     started_wall, started = time.time(), time.monotonic()
