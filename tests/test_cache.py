@@ -420,3 +420,12 @@ def test_unit_location_precedence_and_sizes():
     assert parse_size("123") == 123 and parse_size("2GiB") == 2 << 30
     with pytest.raises(UsageError):
         parse_size("lots")
+
+
+def test_a_symbolic_link_output_is_not_cached_with_a_note(shared):
+    linking = 'stage link:\n    in:  src.txt\n    out: alias.txt\n    run: echo $stage >> "$$MARK"; ln -s $in $out\n'
+    a, b = shared.checkout("a", linking), shared.checkout("b", linking)
+    result = a.run("--cache", str(shared.cache), env={"MARK": str(shared.marker)}, check=0)
+    assert "note: not caching 'link': 'alias.txt' is a symbolic link" in result.stdout
+    shared.build(b)
+    assert shared.ran() == ["link", "link"] and os.path.islink(b.root / "alias.txt")
