@@ -32,7 +32,7 @@ from .model import Job
 ENTRY_FORMAT = 1
 ENV_VARIABLE = "OFFBUILD_CACHE"
 PIPEFILE_VARIABLE = "cache"
-REFRESH_SECONDS = 60  # a hit rewrites the entry's `used` time at most this often
+REFRESH_SECONDS = 3600  # a hit rewrites the entry's `used` time at most this often (LRU to the hour)
 STALE_TEMP_SECONDS = 3600  # prune removes temporary files older than this (a writer died)
 _TEMP = ".tmp-"
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\Z", re.I)
@@ -336,9 +336,9 @@ class OutputCache:
 
     # -- pruning
 
-    def prune(self, max_bytes: int) -> PruneReport:
+    def prune(self, max_bytes: int, dry: bool = False) -> PruneReport:
         """Remove least-recently-used entries, then every blob no remaining entry needs, until the
-        cache holds at most `max_bytes`. Leftovers of dead writers go too."""
+        cache holds at most `max_bytes`. Leftovers of dead writers go too. `dry` only counts."""
         entries = self._listing("entries")
         blobs = self._listing("blobs")
         now = self.clock()
@@ -347,7 +347,7 @@ class OutputCache:
                 entries.pop(path, None)
                 blobs.pop(path, None)
                 modified = _modified(info)
-                if modified is not None and now - modified > STALE_TEMP_SECONDS:
+                if modified is not None and now - modified > STALE_TEMP_SECONDS and not dry:
                     self._discard(path)
         blob_sizes = {path.rsplit("/", 1)[-1]: info.get("size") or 0 for path, info in blobs.items()}
         bytes_before = sum(info.get("size") or 0 for info in entries.values()) + sum(blob_sizes.values())
@@ -373,11 +373,10 @@ class OutputCache:
                 references[digest] -= 1
                 if references[digest] == 0:
                     size -= blob_sizes.get(digest, 0)
-        for path in doomed_entries:  # entries first: no entry ever names a removed blob
-            self._discard(path)
         doomed_blobs = [path for path in blobs if references[path.rsplit("/", 1)[-1]] <= 0]
-        for path in doomed_blobs:
-            self._discard(path)
+        if not dry:
+            for path in doomed_entries + doomed_blobs:  # entries first: no entry ever names a removed blob
+                self._discard(path)
         return PruneReport(len(doomed_entries), len(doomed_blobs), bytes_before, size)
 
     def _listing(self, folder: str) -> dict[str, dict]:

@@ -212,7 +212,8 @@ def cache_states(project, decisions, cache: OutputCache) -> dict[str, str]:
 
 
 def prune_cache(args, overrides: dict[str, str]) -> int:
-    """`--cache-prune SIZE`: shrink the configured cache to SIZE, least recently used entries first."""
+    """`--cache-prune SIZE`: shrink the configured cache to SIZE, least recently used entries first
+    (with `-n`, only say what would go)."""
     limit = parse_size(args.cache_prune)
     warn = lambda text: print(text, file=sys.stderr)  # noqa: E731
     if args.user_cache:  # no Pipefile needed (a CI job that only maintains the cache)
@@ -226,8 +227,9 @@ def prune_cache(args, overrides: dict[str, str]) -> int:
     if cache is None:
         raise UsageError("--cache-prune needs a cache: --cache DIR_OR_URL, $OFFBUILD_CACHE or 'cache = ...'"
                          " in the Pipefile")
-    report = cache.prune(limit)
-    print(f"offbuild: cache {cache.location}: removed {report.entries_removed} entries and "
+    report = cache.prune(limit, dry=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"offbuild: cache {cache.location}: {verb} {report.entries_removed} entries and "
           f"{report.blobs_removed} blobs; {_size(report.bytes_before)} → {_size(report.bytes_after)}"
           f" (limit {_size(limit)})")
     return EXIT_OK

@@ -14,7 +14,7 @@ import time
 import blake3
 import pytest
 
-from offbuild.cache import OutputCache, cache_location, parse_size, why_not_cached
+from offbuild.cache import REFRESH_SECONDS, OutputCache, cache_location, parse_size, why_not_cached
 from offbuild.errors import Location, UsageError
 from offbuild.model import Job, Stage
 
@@ -258,6 +258,8 @@ def test_prune_shrinks_the_cache_and_later_builds_still_work(shared):
 
     full = size()
     limit = full // 2
+    result = a.run("--cache", str(shared.cache), "--cache-prune", str(limit), "-n", check=0)
+    assert "would remove" in result.stdout and size() == full
     result = a.run("--cache", str(shared.cache), "--cache-prune", str(limit), check=0)
     assert "removed" in result.stdout
     assert 0 < size() <= limit
@@ -393,6 +395,7 @@ def test_unit_prune_drops_least_recently_used_first(unit, tmp_path):
         keys.append(f"{index}a" * 32)
         cache.store(keys[-1], make_job(name, name), {name: digest_of(name)})
         now[0] += 100
+    now[0] += REFRESH_SECONDS  # a hit refreshes an entry's recency at most this often
     entry = cache.lookup(keys[0])
     os.unlink("o0.txt")
     assert cache.restore(entry, make_job("o0.txt", "o0.txt"))  # a hit: o0 is now the most recent
