@@ -55,8 +55,8 @@ class BuildResult:
     def counts(self) -> dict[str, int]:
         tally = Counter(outcome.action for outcome in self.outcomes.values())
         return {"total": len(self.outcomes), "ran": tally["ran"], "skipped": tally["skipped"],
-                "failed": tally["failed"] + tally["interrupted"], "resumed": tally["resumed"], "restored": tally["restored"],
-                "blocked": tally["blocked"]}
+                "failed": tally["failed"] + tally["interrupted"], "resumed": tally["resumed"],
+                "restored": tally["restored"], "blocked": tally["blocked"]}
 
 
 class Builder:

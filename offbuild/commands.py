@@ -72,9 +72,10 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int,
     """One build of `order`; watch mode passes its long-lived `executor` (closed by its owner) and a run id."""
     started_wall, started = time.time(), time.monotonic()
     run_id = run_id or args.run_id or new_run_id()
+    # Opened first: an unusable cache is a usage error before any output is drawn, removed or run.
+    cache = open_cache(args, project, create=True, warn=lambda text: reporter.message(text))
     reporter = make_reporter(len(order), verbosity, sys.stderr if args.json else sys.stdout, parallel=args.jobs,
                              estimates=lambda: inspection.planned_durations(project, order, args.force))
-    cache = open_cache(args, project, create=True, warn=reporter.message)  # before anything is removed or run
     remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
     planner = Planner(project.hasher, project.records, force=args.force)
     owned = executor is None
@@ -216,9 +217,10 @@ def prune_cache(args, overrides: dict[str, str]) -> int:
     (with `-n`, only say what would go)."""
     limit = parse_size(args.cache_prune)
     warn = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    cache = None
     if args.user_cache:  # no Pipefile needed (a CI job that only maintains the cache)
         cache = OutputCache.open(args.user_cache, create=False, warn=warn)
-    else:
+    elif os.path.isfile(args.file) and not args.no_cache:
         project = open_project(args.file, overrides, getattr(args, "invocation_dir", None), readonly=True)
         try:
             cache = open_cache(args, project, create=False, warn=warn)
