@@ -215,7 +215,9 @@ class OutputCache:
         parent = os.path.dirname(final)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        temporary = f"{final}{_TEMP}{secrets.token_hex(6)}"
+        # One name per output: the job's lock means no one else restores it now, and a leftover of
+        # a killed restore is overwritten by the next one instead of piling up in the project.
+        temporary = f"{final}.offbuild-restoring"
         blob = self.blob_path(cached.digest)
         try:
             self.fs.get_file(blob, temporary)

@@ -432,3 +432,11 @@ def test_a_symbolic_link_output_is_not_cached_with_a_note(shared):
     assert "note: not caching 'link': 'alias.txt' is a symbolic link" in result.stdout
     shared.build(b)
     assert shared.ran() == ["link", "link"] and os.path.islink(b.root / "alias.txt")
+
+
+def test_force_reruns_recipes_instead_of_restoring(shared):
+    a, b = shared.checkout("a"), shared.checkout("b")
+    shared.build(a)
+    shared.ran()
+    record = shared.build(b, "-B")
+    assert shared.ran() == ["first", "second", "tool", "tree"] and record["counts"]["restored"] == 0
