@@ -12,7 +12,7 @@ from .cache import PIPEFILE_VARIABLE, OutputCache, cache_location, parse_size, w
 from .errors import UsageError
 from .executor import LocalExecutor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
-from .planner import Action, Planner, Reason
+from .planner import Action, Planner, Reason, stage_key
 from .noop import build_snapshot, save_snapshot, snapshot_key
 from .records import iso, new_run_id, write_run_record
 from .reporter import make_reporter
@@ -197,18 +197,30 @@ def open_cache(args, project, *, create: bool, warn) -> OutputCache | None:
 
 def cache_states(project, decisions, cache: OutputCache) -> dict[str, str]:
     """For `--explain`, per job that would run: "hit" (the cache holds its key), "miss", "never: <why>"
-    or "unknown" (its key depends on upstream jobs that have yet to run). Reads only."""
-    states = {}
+    or "unknown" (its key depends on upstream jobs that would run their recipes). A job downstream of
+    hits is looked up under the key the restored outputs would give it. Reads only."""
+    states: dict[str, str] = {}
+    restorable: dict[str, str] = {}  # output path → digest it would have once restored
     for decision in decisions:
         if decision.action is not Action.RUN:
             continue
-        refusal = why_not_cached(project.graph.jobs[decision.job])
+        job = project.graph.jobs[decision.job]
+        refusal = why_not_cached(job)
         if refusal is not None:
             states[decision.job] = f"never: {refusal}"
-        elif any(why.reason in (Reason.UPSTREAM_WILL_RUN, Reason.INPUT_MISSING) for why in decision.reasons):
+            continue
+        inputs = {path: restorable.get(path, digest) for path, digest in decision.inputs.items()}
+        if any(why.reason is Reason.INPUT_MISSING for why in decision.reasons) or None in inputs.values():
             states[decision.job] = "unknown"
-        else:
-            states[decision.job] = "hit" if cache.lookup(decision.key) is not None else "miss"
+            continue
+        key = stage_key(job, inputs, decision.env)
+        record = project.records.get(decision.job)
+        if record is not None and record.key == key and not record.failed:
+            continue  # the restored inputs are what it was built from: early cutoff may skip it
+        entry = cache.lookup(key)
+        states[decision.job] = "hit" if entry is not None else "miss"
+        if entry is not None:
+            restorable.update((path, output.digest) for path, output in entry.outputs.items())
     return states
 
 

@@ -348,7 +348,7 @@ def _cache_line(state: str, paint: Paint) -> str:
     if state == "miss":
         return "the cache does not hold its stage key: the recipe would run"
     if state == "unknown":
-        return "the cache is looked up once the upstream jobs have run (its stage key depends on them)"
+        return "the cache is looked up once the upstream jobs have run their recipes (its stage key depends on them)"
     return "never restored from cache: " + state.removeprefix("never: ")
 
 
