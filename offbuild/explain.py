@@ -337,7 +337,9 @@ def render_text(explanations: list[Explanation], target: str, paint: Paint, now:
             lines.append("  " + _cache_line(item.cache, paint))
         lines.extend("  " + paint(line, "dim") for line in _history_lines(item, now))
     running = sum(1 for item in explanations if item.will_run)
-    lines.append(f"offbuild: explain {target}: {running} of {len(explanations)} job(s) would run, "
+    restoring = sum(1 for item in explanations if item.cache == "hit")
+    from_cache = f" ({restoring} restored from cache)" if restoring else ""
+    lines.append(f"offbuild: explain {target}: {running} of {len(explanations)} job(s) would run{from_cache}, "
                  f"{len(explanations) - running} up to date")
     return "\n".join(lines) + "\n"
 
@@ -448,4 +450,7 @@ def render_json(explanations: list[Explanation], target: str) -> dict:
                                                          and last.action == "interrupted")}
         jobs.append(entry)
     running = sum(1 for item in explanations if item.will_run)
-    return {"target": target, "jobs": jobs, "would_run": running, "up_to_date": len(explanations) - running}
+    summary = {"target": target, "jobs": jobs, "would_run": running, "up_to_date": len(explanations) - running}
+    if any(item.cache is not None for item in explanations):
+        summary["would_restore"] = sum(1 for item in explanations if item.cache == "hit")
+    return summary

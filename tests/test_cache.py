@@ -154,7 +154,8 @@ def test_explain_shows_a_cache_hit_in_text_and_json(shared):
     assert "would be restored from cache" in second_block  # under the key first's restored output gives it
     data = json.loads(b.run("--cache", str(shared.cache), "--explain", "second", "--json", check=0).stdout)
     states = {job["job"]: job.get("cache") for job in data["jobs"]}
-    assert states == {"first": "hit", "second": "hit"}
+    assert states == {"first": "hit", "second": "hit"} and data["would_restore"] == 2
+    assert "2 of 2 job(s) would run (2 restored from cache)" in text
     assert not (b.root / ".offbuild").exists()  # explain wrote nothing
     plain = json.loads(b.run("--explain", "second", "--json", check=0).stdout)  # no cache configured
     assert all("cache" not in job for job in plain["jobs"])
