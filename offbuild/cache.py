@@ -244,7 +244,7 @@ class OutputCache:
         return temporary
 
     def _refresh(self, entry: CacheEntry) -> None:
-        """A hit makes the entry recently used (for `prune`); at most once a minute, best effort."""
+        """A hit makes the entry recently used (for `prune`); at most once per REFRESH_SECONDS, best effort."""
         now = self.clock()
         if now - entry.used < REFRESH_SECONDS:
             return
