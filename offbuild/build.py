@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .cache import CacheEntry, NotCacheable, OutputCache, why_not_cached
 from .executor import NETWORK_HINT, NETWORK_SYMPTOMS, Executor, RecipeResult
 from .hashing import FileHasher
 from .locks import JobLocks
@@ -24,10 +26,11 @@ class Outcome:
     """What happened to one job in this build."""
 
     name: str
-    action: str  # ran | skipped | failed | interrupted | blocked
+    action: str  # ran | resumed | restored | skipped | failed | interrupted | blocked
     decision: Decision | None = None
     result: RecipeResult | None = None
     error: str = ""
+    seconds: float | None = None  # how long a restore from the cache took (no recipe ran)
 
     def as_record(self) -> dict:
         entry: dict = {"stage": self.name, "action": self.action}
@@ -44,6 +47,8 @@ class Outcome:
             entry["log"] = self.result.log_path
             if self.result.worker is not None:
                 entry["worker"] = self.result.worker
+        if self.seconds is not None:
+            entry["duration"] = round(self.seconds, 4)
         if self.error:
             entry["error"] = self.error
         return entry
@@ -57,16 +62,19 @@ class BuildResult:
     def counts(self) -> dict[str, int]:
         tally = Counter(outcome.action for outcome in self.outcomes.values())
         return {"total": len(self.outcomes), "ran": tally["ran"], "skipped": tally["skipped"],
-                "failed": tally["failed"] + tally["interrupted"], "resumed": tally["resumed"], "restored": 0,
-                "blocked": tally["blocked"]}
+                "failed": tally["failed"] + tally["interrupted"], "resumed": tally["resumed"],
+                "restored": tally["restored"], "blocked": tally["blocked"]}
 
 
 class Builder:
-    """Runs the jobs of `order` (already in dependency order) with at most `jobs` at once."""
+    """Runs the jobs of `order` (already in dependency order) with at most `jobs` at once.
+
+    With a `cache`, a job that must run is first looked up by its stage key and restored when the
+    cache holds it; a job whose recipe ran is stored in the background."""
 
     def __init__(self, graph: BuildGraph, order: list[str], store: StateStore, hasher: FileHasher,
                  planner: Planner, executor: Executor, reporter: Reporter, *, jobs: int,
-                 keep_going: bool, run_id: str):
+                 keep_going: bool, run_id: str, cache: OutputCache | None = None):
         self.graph = graph
         self.order = order
         self.store = store
@@ -80,6 +88,9 @@ class Builder:
         self.result = BuildResult("ok", {name: Outcome(name, "blocked") for name in order})
         self.resumed: set[str] = set()
         self.locks = JobLocks(executor.state_dir)
+        self.cache = cache
+        self._stores: dict[Future, str] = {}  # background stores → job
+        self._store_broken = False
 
     def run(self) -> BuildResult:
         """Build everything in `order`; Ctrl-C stops running recipes and returns 'interrupted'."""
@@ -91,6 +102,8 @@ class Builder:
         self._pools: Counter = Counter()
         self._stop = False
         self._threads = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="recipe")
+        # Stores have threads of their own, so uploading never holds up a recipe.
+        self._store_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store") if self.cache else None
         try:
             while self._ready or self._running:
                 self._start_ready_jobs()
@@ -99,6 +112,7 @@ class Builder:
                 done, _ = wait(self._running, return_when=FIRST_COMPLETED)
                 for future in done:
                     self._collect(future)
+                self._reap_stores(block=False)
         except KeyboardInterrupt:
             self.result.status = "interrupted"
             self.executor.interrupt()
@@ -107,8 +121,15 @@ class Builder:
                     result = future.result()
                     result.interrupted = True
                     self._fail(Outcome(name, "interrupted", decision, result))
+                elif phase == "restore":
+                    future.result()  # a restore is short: let it end before its outputs are removed
+                    self._fail(Outcome(name, "interrupted", decision))
         finally:
             self._threads.shutdown(wait=True)
+            if self._store_threads is not None:
+                interrupted = self.result.status == "interrupted"
+                self._store_threads.shutdown(wait=True, cancel_futures=interrupted)
+                self._reap_stores(block=True)
             self.locks.release_all()
             self._save_run_state()
         if self.result.status == "ok" and any(o.action in ("failed", "blocked") for o in self.result.outcomes.values()):
@@ -137,7 +158,8 @@ class Builder:
                 self._running[future] = (name, "lock", decision)
 
     def _launch(self, name: str, decision: Decision) -> None:
-        """With the job's lock held: re-check against the store, then start the recipe."""
+        """With the job's lock held: re-check against the store, then restore from the cache (on a
+        worker thread) or start the recipe."""
         job = self.graph.jobs[name]
         fresh = self.store.load_job(name)
         if not _same_record(fresh, self.planner.records.get(name)):
@@ -156,6 +178,14 @@ class Builder:
             self._fail(Outcome(name, "failed", decision, error=f"input '{missing[0]}' is missing"))
             self._stop = not self.keep_going
             return
+        if self.cache is not None and not self.planner.force and why_not_cached(job) is None:
+            self._prepare_outputs(job, keep=False)
+            self._running[self._threads.submit(self._fetch, job, decision.key)] = (name, "restore", decision)
+            return
+        self._start_recipe(name, decision)
+
+    def _start_recipe(self, name: str, decision: Decision) -> None:
+        job = self.graph.jobs[name]
         resuming = self._prepare_checkpoint(job, decision) if job.stage.checkpoint else False
         self._prepare_outputs(job, keep=resuming)
         if resuming:
@@ -168,6 +198,13 @@ class Builder:
         if phase == "lock":
             if future.result():
                 self._launch(name, decision)
+            return
+        if phase == "restore":
+            fetched = future.result()
+            if fetched is not None and self._complete_restore(name, decision, *fetched):
+                self._leave(name)
+            else:  # not in the cache, or not intact: run the recipe after all
+                self._start_recipe(name, decision)
             return
         ok = self._complete(name, decision, future.result())
         self._leave(name)
@@ -226,9 +263,10 @@ class Builder:
                                    error=f"the recipe did not write its declared output '{path}'"))
                 return False
             outputs[path] = digest
-        success = Success(decision.key, job.recipe, decision.inputs, outputs, decision.env, job_options(job),
-                          result.duration, self.run_id)
-        self.store.record_success(name, success, self.hasher.take_fresh())
+        self._record_success(name, decision, outputs, result.duration)
+        if self.cache is not None and not self._store_broken and why_not_cached(job) is None:
+            future = self._store_threads.submit(self.cache.store, decision.key, job, outputs, result.duration)
+            self._stores[future] = name
         if job.stage.checkpoint:
             checkpoint = self.executor.checkpoint_path(job)
             remove_path(checkpoint)
@@ -237,9 +275,59 @@ class Builder:
         self._finish(Outcome(name, action, decision, result))
         return True
 
+    def _record_success(self, name: str, decision: Decision, outputs: dict[str, str], duration: float) -> None:
+        job = self.graph.jobs[name]
+        success = Success(decision.key, job.recipe, decision.inputs, outputs, decision.env, job_options(job),
+                          duration, self.run_id)
+        self.store.record_success(name, success, self.hasher.take_fresh())
+
+    def _fetch(self, job, key: str) -> tuple[CacheEntry, float] | None:
+        """On a worker thread: the cache's entry for `key` with its outputs put in place, and how
+        long that took; None on a miss. The builder's own hasher checks them on the main thread."""
+        started = time.monotonic()
+        try:
+            entry = self.cache.lookup(key)
+            if entry is None or not self.cache.restore(entry, job):
+                return None
+        except Exception as error:  # a cache problem of any backend must not fail the build
+            self.reporter.message(f"offbuild: warning: cannot restore '{job.name}' from the cache: {error}")
+            return None
+        return entry, time.monotonic() - started
+
+    def _complete_restore(self, name: str, decision: Decision, entry: CacheEntry, seconds: float) -> bool:
+        """Record a restored job exactly like a success, once its outputs hash to the entry's digests."""
+        job = self.graph.jobs[name]
+        outputs = {}
+        for path in job.outputs:
+            self.hasher.forget(path)
+            digest = self.hasher.digest(path)
+            if digest != entry.outputs[path].digest:
+                self.reporter.message(f"offbuild: warning: '{path}' restored from the cache does not hash to the "
+                                      f"cache entry's digest; running '{name}' instead")
+                return False
+            outputs[path] = digest
+        self._record_success(name, decision, outputs, seconds)
+        self._finish(Outcome(name, "restored", decision, seconds=seconds))
+        return True
+
+    def _reap_stores(self, block: bool) -> None:
+        """Report finished background stores; a failed store is a warning, never a failed build."""
+        finished = list(self._stores) if block else [future for future in self._stores if future.done()]
+        for future in finished:
+            name = self._stores.pop(future)
+            if future.cancelled():
+                continue
+            error = future.exception()
+            if isinstance(error, NotCacheable):
+                self.reporter.message(f"offbuild: note: not caching '{name}': {error}")
+            elif error is not None and not self._store_broken:
+                self._store_broken = True  # one warning, not one per job (a read-only cache, a full disk)
+                self.reporter.message(f"offbuild: warning: cannot store '{name}' in the cache {self.cache.location}:"
+                                      f" {error}; not storing more in this build")
+
     def _finish(self, outcome: Outcome) -> None:
         self.result.outcomes[outcome.name] = outcome
-        duration = outcome.result.duration if outcome.result else 0.0
+        duration = outcome.result.duration if outcome.result else (outcome.seconds or 0.0)
         output = outcome.result.output() if outcome.result else ""
         self.reporter.job_finished(outcome.name, outcome.action, duration, output)
         for dependent in self.graph.dependents(outcome.name):

@@ -47,6 +47,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                         help="the Dask scheduler for --executor dask (default: $OFFBUILD_SCHEDULER); its workers"
                              " must see this project's files at the same paths")
+    parser.add_argument("--cache", metavar="DIR_OR_URL",
+                        help="a shared cache of outputs by stage key: a folder or an fsspec URL (s3://...);"
+                             " also $OFFBUILD_CACHE or `cache = ...` in the Pipefile")
+    parser.add_argument("--no-cache", action="store_true", help="use no cache, whatever is configured")
+    parser.add_argument("--cache-prune", metavar="SIZE",
+                        help="delete least-recently-used cache entries until the cache fits SIZE (500M, 2G)")
     parser.add_argument("--lint", action="store_true",
                         help="list Python recipe scripts that import networking modules")
     parser.add_argument("-q", dest="quiet", action="count", default=0, help="less output")
@@ -105,6 +111,7 @@ def _check_executor(args) -> None:
 
 def _dispatch(args) -> int:
     # Imported here so `--version` and `--help` stay instant.
+    from .cache import cache_location
     from .fastpath import fast_build
     from .records import RUN_ID
 
@@ -121,6 +128,8 @@ def _dispatch(args) -> int:
     if args.run_id is not None and not RUN_ID.match(args.run_id):
         raise OffbuildError(f"bad run id '{args.run_id}' (letters, digits, '.', '_' and '-')")
     _check_executor(args)
+    # --cache and $OFFBUILD_CACHE are paths from where the user stands, so resolve them before any chdir.
+    args.user_cache = None if args.no_cache else cache_location(args.cache, os.environ, None, os.getcwd(), "")
     exit_code = fast_build(args, targets, overrides)
     if exit_code is not None:
         return exit_code

@@ -7,18 +7,23 @@ import sys
 
 from . import inspection, run, snapshot
 from .build import remove_stale_outputs
+from .cache import PIPEFILE_VARIABLE, OutputCache, cache_location, parse_size, why_not_cached
 from .errors import UsageError
 from .executor import Executor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
+from .planner import Action, Reason, stage_key
 from .run import EXIT_FAILED, EXIT_OK
 from .session import STATE_DIR, open_project
 
 
 def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
     """Load the project named by `args` and run the mode the flags ask for."""
-    modes = [flag for flag in ("explain", "watch", "list", "graph", "clean", "lint") if getattr(args, flag)]
+    modes = [flag for flag in ("explain", "watch", "list", "graph", "clean", "lint", "cache_prune")
+             if getattr(args, flag)]
     if len(modes) > 1:
-        raise UsageError(f"--{modes[0]} and --{modes[1]} cannot be combined")
+        raise UsageError(f"--{modes[0]} and --{modes[1].replace('_', '-')} cannot be combined")
+    if args.cache_prune:
+        return prune_cache(args, overrides)
     if args.watch:
         from .watch import watch  # watchdog is imported in watch mode only
 
@@ -43,7 +48,8 @@ def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
         if args.clean:
             return clean(project, order, args.dry_run, verbosity)
         if args.explain:
-            return explain(project, order, args.explain, args.force, args.json)
+            cache = open_cache(args, project, create=False, warn=lambda text: print(text, file=sys.stderr))
+            return explain(project, order, args.explain, args.force, args.json, cache)
         if args.dry_run:
             return run.show_dry_run(project, order, args.force)
         pipefile, given_targets, given_overrides = snapshot_for
@@ -58,16 +64,17 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int,
           executor: Executor | None = None) -> int:
     """One full-path build of `order`; watch mode passes its long-lived `executor` and a run id."""
     shown_targets = targets or [spec.text for spec in project.targets([])]
+    pipefile_cache = pipefile_cache_location(project)
 
     def capture():
-        return snapshot.capture(snapshot_key, project, order, shown_targets) if snapshot_key else None
+        return snapshot.capture(snapshot_key, project, order, shown_targets, pipefile_cache) if snapshot_key else None
 
     def remove_stale(reporter) -> None:
         remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)
 
     return run.build(project, order, args, shown_targets, verbosity, capture=capture, before=remove_stale,
                      estimates=lambda: inspection.planned_durations(project, order, args.force),
-                     run_id=run_id, executor=executor)
+                     run_id=run_id, executor=executor, cache_at=None if args.no_cache else args.user_cache or pipefile_cache)
 
 
 def list_stages(project, order: list[str]) -> int:
@@ -111,12 +118,13 @@ def clean(project, order: list[str], dry: bool, verbosity: int) -> int:
     return EXIT_OK
 
 
-def explain(project, order: list[str], target: str, force: bool, as_json: bool) -> int:
+def explain(project, order: list[str], target: str, force: bool, as_json: bool, cache: OutputCache | None) -> int:
     """`--explain T`: runs nothing and writes nothing; prints the planner's reasons per job."""
     decisions = list(inspection.plan(project, order, force).values())
     checkpoints = {name: inspection.checkpoint_file(STATE_DIR, project.graph.jobs[name])
                    for name in order if project.graph.jobs[name].stage.checkpoint}
-    explanations = explain_jobs(decisions, project.records, project.store.load_decisions(), checkpoints)
+    cached = cache_states(project, decisions, cache) if cache is not None and not force else None
+    explanations = explain_jobs(decisions, project.records, project.store.load_decisions(), checkpoints, cached)
     if as_json:
         print(json.dumps(render_json(explanations, target), indent=2, ensure_ascii=False))
     else:
@@ -133,3 +141,77 @@ def run_lint(project, order: list[str]) -> int:
         print(finding)
     print(f"offbuild: lint: {len(findings)} finding(s)")
     return EXIT_FAILED if findings else EXIT_OK
+
+
+def pipefile_cache_location(project) -> str | None:
+    """The Pipefile's own `cache = ...`, resolved from its folder (the current directory by now)."""
+    return cache_location(None, {}, project.pipeline.variables.get(PIPEFILE_VARIABLE), "", os.getcwd())
+
+
+def open_cache(args, project, *, create: bool, warn) -> OutputCache | None:
+    """The cache this build uses (`--cache` > $OFFBUILD_CACHE > the Pipefile's `cache = ...`), or None."""
+    if getattr(args, "no_cache", False):
+        return None
+    location = getattr(args, "user_cache", None) or pipefile_cache_location(project)
+    return OutputCache.open(location, create=create, warn=warn) if location else None
+
+
+def cache_states(project, decisions, cache: OutputCache) -> dict[str, str]:
+    """For `--explain`, per job that would run: "hit" (the cache holds its key), "miss", "never: <why>"
+    or "unknown" (its key depends on upstream jobs that would run their recipes). A job downstream of
+    hits is looked up under the key the restored outputs would give it. Reads only."""
+    states: dict[str, str] = {}
+    restorable: dict[str, str] = {}  # output path → digest it would have once restored
+    for decision in decisions:
+        if decision.action is not Action.RUN:
+            continue
+        job = project.graph.jobs[decision.job]
+        refusal = why_not_cached(job)
+        if refusal is not None:
+            states[decision.job] = f"never: {refusal}"
+            continue
+        inputs = {path: restorable.get(path, digest) for path, digest in decision.inputs.items()}
+        if any(why.reason is Reason.INPUT_MISSING for why in decision.reasons) or None in inputs.values():
+            states[decision.job] = "unknown"
+            continue
+        key = stage_key(job, inputs, decision.env)
+        record = project.records.get(decision.job)
+        if record is not None and record.key == key and not record.failed:
+            continue  # the restored inputs are what it was built from: early cutoff may skip it
+        entry = cache.lookup(key)
+        states[decision.job] = "hit" if entry is not None else "miss"
+        if entry is not None:
+            restorable.update((path, output.digest) for path, output in entry.outputs.items())
+    return states
+
+
+def prune_cache(args, overrides: dict[str, str]) -> int:
+    """`--cache-prune SIZE`: shrink the configured cache to SIZE, least recently used entries first
+    (with `-n`, only say what would go)."""
+    limit = parse_size(args.cache_prune)
+    warn = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    cache = None
+    if args.user_cache:  # no Pipefile needed (a CI job that only maintains the cache)
+        cache = OutputCache.open(args.user_cache, create=False, warn=warn)
+    elif os.path.isfile(args.file) and not args.no_cache:
+        project = open_project(args.file, overrides, getattr(args, "invocation_dir", None), readonly=True)
+        try:
+            cache = open_cache(args, project, create=False, warn=warn)
+        finally:
+            project.store.close()
+    if cache is None:
+        raise UsageError("--cache-prune needs a cache: --cache DIR_OR_URL, $OFFBUILD_CACHE or 'cache = ...'"
+                         " in the Pipefile")
+    report = cache.prune(limit, dry=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"offbuild: cache {cache.location}: {verb} {report.entries_removed} entries and "
+          f"{report.blobs_removed} blobs; {_size(report.bytes_before)} → {_size(report.bytes_after)}"
+          f" (limit {_size(limit)})")
+    return EXIT_OK
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return f"{count}B"

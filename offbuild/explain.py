@@ -30,7 +30,7 @@ class Chain:
 class LastRun:
     """The decision the most recent build made about a job, as the store keeps it."""
 
-    action: str  # ran | skipped | failed | interrupted | resumed
+    action: str  # ran | skipped | failed | interrupted | resumed | restored
     run_id: str | None
     at: float | None
     reasons: tuple[Why, ...]
@@ -57,6 +57,9 @@ class Explanation:
     last: LastRun | None
     chains: list[Chain] = field(default_factory=list)
     checkpoint: CheckpointState | None = None
+    # With a cache configured, for a job that would run: "hit", "miss", "never: <why>" or "unknown"
+    # (its key depends on upstream jobs yet to run); None without a cache.
+    cache: str | None = None
 
     @property
     def will_run(self) -> bool:
@@ -64,11 +67,12 @@ class Explanation:
 
 
 def explain_jobs(decisions: list[Decision], records: dict[str, JobRecord], last_decisions: dict[str, dict],
-                 checkpoint_paths: dict[str, str] | None = None) -> list[Explanation]:
+                 checkpoint_paths: dict[str, str] | None = None,
+                 cache_states: dict[str, str] | None = None) -> list[Explanation]:
     """Link each dry-run decision (in build order) to its root causes, its last run and its checkpoint.
 
     `last_decisions` is the store's decisions table; `checkpoint_paths` names the checkpoint file
-    of each checkpoint job."""
+    of each checkpoint job; `cache_states` says what the cache holds for jobs that would run."""
     by_name = {decision.job: decision for decision in decisions}
     checkpoint_paths = checkpoint_paths or {}
     explanations = []
@@ -76,6 +80,8 @@ def explain_jobs(decisions: list[Decision], records: dict[str, JobRecord], last_
         explanation = Explanation(decision.job, decision, records.get(decision.job),
                                   _last_run(last_decisions.get(decision.job)))
         explanation.chains = root_causes(decision.job, by_name)
+        if cache_states is not None:
+            explanation.cache = cache_states.get(decision.job)
         if decision.job in checkpoint_paths and explanation.will_run:
             explanation.checkpoint = _checkpoint_state(checkpoint_paths[decision.job], decision)
         explanations.append(explanation)
@@ -327,11 +333,25 @@ def render_text(explanations: list[Explanation], target: str, paint: Paint, now:
             lines.append("  " + paint("root cause: ", "cyan") + chain_sentence(chain, rerun))
         if item.checkpoint is not None:
             lines.append("  " + _checkpoint_line(item.checkpoint, now))
+        if item.cache is not None:
+            lines.append("  " + _cache_line(item.cache, paint))
         lines.extend("  " + paint(line, "dim") for line in _history_lines(item, now))
     running = sum(1 for item in explanations if item.will_run)
-    lines.append(f"offbuild: explain {target}: {running} of {len(explanations)} job(s) would run, "
+    restoring = sum(1 for item in explanations if item.cache == "hit")
+    from_cache = f" ({restoring} restored from cache)" if restoring else ""
+    lines.append(f"offbuild: explain {target}: {running} of {len(explanations)} job(s) would run{from_cache}, "
                  f"{len(explanations) - running} up to date")
     return "\n".join(lines) + "\n"
+
+
+def _cache_line(state: str, paint: Paint) -> str:
+    if state == "hit":
+        return paint("would be restored from cache", "cyan", "bold") + " (the cache holds its stage key)"
+    if state == "miss":
+        return "the cache does not hold its stage key: the recipe would run"
+    if state == "unknown":
+        return "the cache is looked up once the upstream jobs have run their recipes (its stage key depends on them)"
+    return "never restored from cache: " + state.removeprefix("never: ")
 
 
 def _paint_diff_line(line: str, paint: Paint) -> str:
@@ -377,8 +397,9 @@ def _history_lines(item: Explanation, now: float) -> list[str]:
         lines.append(f"last attempt: started {when(checkpoint.attempt_started, now)} and never finished")
     if last is not None:
         reasons = "; ".join(describe(why) for why in last.reasons) or "no reasons recorded"
-        same = succeeded and last.run_id == record.run_id and last.action in ("ran", "resumed")
-        lines.append(f"last run: {last.action} in run {last.run_id or '?'}, {when(last.at, now)}"
+        same = succeeded and last.run_id == record.run_id and last.action in ("ran", "resumed", "restored")
+        action = "restored from cache" if last.action == "restored" else last.action
+        lines.append(f"last run: {action} in run {last.run_id or '?'}, {when(last.at, now)}"
                      f"{took if same else ''}, because {reasons}")
         if same:
             return lines
@@ -405,6 +426,8 @@ def render_json(explanations: list[Explanation], target: str) -> dict:
                 for line in recipe_diff(why)]
         if diff:
             entry["recipe_diff"] = "\n".join(diff) + "\n"
+        if item.cache is not None:
+            entry["cache"] = item.cache
         if item.checkpoint is not None:
             started = item.checkpoint.attempt_started
             entry["checkpoint"] = {"path": item.checkpoint.path, "bytes": item.checkpoint.size,
@@ -427,4 +450,7 @@ def render_json(explanations: list[Explanation], target: str) -> dict:
                                                          and last.action == "interrupted")}
         jobs.append(entry)
     running = sum(1 for item in explanations if item.will_run)
-    return {"target": target, "jobs": jobs, "would_run": running, "up_to_date": len(explanations) - running}
+    summary = {"target": target, "jobs": jobs, "would_run": running, "up_to_date": len(explanations) - running}
+    if any(item.cache is not None for item in explanations):
+        summary["would_restore"] = sum(1 for item in explanations if item.cache == "hit")
+    return summary

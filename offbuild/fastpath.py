@@ -19,7 +19,7 @@ from .state import STATE_DIR
 def fast_build(args, targets: list[str], overrides: dict[str, str]) -> int | None:
     """The build's exit code if the snapshot let it take the fast path, else None (cwd unchanged)."""
     plain_build = not (args.explain or args.watch or args.list or args.graph or args.clean or args.lint
-                       or args.force) and args.verbose <= args.quiet
+                       or args.force or args.cache_prune) and args.verbose <= args.quiet
     if not plain_build or not os.path.isfile(args.file):
         return None
     started_wall, started = time.time(), time.monotonic()
@@ -148,7 +148,8 @@ def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
         estimates = {name: record.duration for name, record in project.records.items()}
         return run.build(project, project.order, args, saved["targets"], args.verbose - args.quiet,
                          estimates=lambda: estimates, capture=capture, presumed_done=done,
-                         executor=executor, fast_path=True)
+                         executor=executor, fast_path=True,
+                         cache_at=None if args.no_cache else args.user_cache or saved["cache"])
     finally:
         store.close()
         if executor is not None:

@@ -11,7 +11,7 @@ from .model import JobVar, PathSpec, Stage
 
 STAGE_FIELDS = (
     "in", "out", "run", "doc", "after", "env", "checkpoint", "retries", "backoff",
-    "retry-on", "timeout", "pool", "network", "always",
+    "retry-on", "timeout", "pool", "network", "always", "cache",
 )
 MAX_EXPANSION = 16 << 20  # bytes one field may expand to
 _REFERENCE = re.compile(r"\$(?:(\$)|\{([^}\n]*)\}|([A-Za-z_][A-Za-z0-9_]*)|(\{))")
@@ -189,7 +189,7 @@ class StageBuilder:
                     raise LoadError(f"'{env_name}' is not an environment variable name", word_location)
                 names.append(env_name)
             self.values["env"] = tuple(names)
-        elif field in ("checkpoint", "network", "always"):
+        elif field in ("checkpoint", "network", "always", "cache"):
             self.values[field] = parse_bool(scalar, location, field)
         elif field == "retries":
             self.values["retries"] = parse_int(scalar, location, f"'{field}:'")

@@ -98,13 +98,7 @@ class FileHasher:
     def _tree_digest(self, directory: str) -> str:
         """A directory counts its whole tree: relative names and contents, in sorted order."""
         self.saw_directory = True
-        lines = []
-        for root, dirs, files in os.walk(directory):
-            dirs.sort()
-            for name in sorted(files):
-                path = os.path.join(root, name)
-                lines.append(f"{os.path.relpath(path, directory)}\0{self.digest(path)}\n")
-        return DIRECTORY_PREFIX + hash_bytes("".join(lines).encode())
+        return tree_digest((relative, self.digest(path)) for relative, path in tree_files(directory))
 
     def forget(self, path: str) -> None:
         """Drop what is known about a path a recipe is about to rewrite."""
@@ -117,3 +111,17 @@ class FileHasher:
         """New entries since the last call, for saving."""
         fresh, self.fresh = self.fresh, {}
         return fresh
+
+
+def tree_files(directory: str):
+    """(relative name, path) of each file under `directory`, in the order its tree digest lists them."""
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            yield os.path.relpath(path, directory), path
+
+
+def tree_digest(entries) -> str:
+    """The digest of a directory from its files' (relative name, digest) pairs, in `tree_files` order."""
+    return DIRECTORY_PREFIX + hash_bytes("".join(f"{relative}\0{digest}\n" for relative, digest in entries).encode())

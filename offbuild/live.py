@@ -14,7 +14,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .reporter import summary_line
+from .reporter import ORIGIN, summary_line
 
 
 class LiveReporter:
@@ -66,7 +66,7 @@ class LiveReporter:
         if action == "skipped" and self.verbosity <= 0:
             return
         mark, style = _MARKS.get(action, ("✗", "bold red"))
-        line = Text.assemble((f"{mark} {action} ", style), (name, "bold"))
+        line = Text.assemble((f"{mark} {action} ", style), (name, "bold"), (ORIGIN.get(action, ""), style))
         if action != "skipped":
             line.append(f" in {duration:.2f}s", style="dim")
         if detail:
@@ -126,7 +126,7 @@ class LiveReporter:
 
 
 _MAX_RUNNING_SHOWN = 8
-_MARKS = {"ran": ("✓", "green"), "resumed": ("↻", "cyan"), "skipped": ("·", "dim")}
+_MARKS = {"ran": ("✓", "green"), "resumed": ("↻", "cyan"), "restored": ("⇣", "blue"), "skipped": ("·", "dim")}
 
 
 def _clock(seconds: float) -> str:

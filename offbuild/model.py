@@ -53,6 +53,7 @@ class Stage:
     pool: str | None = None
     network: bool = False
     always: bool = False
+    cache: bool = True  # False: never stored in nor restored from a shared cache (SPEC section 7)
 
     @property
     def pattern_input(self) -> PathSpec | None:

@@ -10,6 +10,9 @@ from collections.abc import Callable
 from typing import Protocol, TextIO
 
 
+ORIGIN = {"restored": " from cache"}  # said after the job's name: "restored copy from cache"
+
+
 class Reporter(Protocol):
     def job_started(self, name: str, command: str) -> None: ...
     def job_finished(self, name: str, action: str, duration: float, output: str, detail: str = "") -> None: ...
@@ -42,8 +45,11 @@ class PlainReporter:
         if self.verbosity < 0 and not failed:
             return
         suffix = f" ({detail})" if detail else ""
-        self._write(f"[{self.done}/{self.total}] {action} {name} in {duration:.2f}s{suffix}\n"
-                    if action != "skipped" else f"[{self.done}/{self.total}] skipped {name}{suffix}\n")
+        if action == "skipped":
+            line = f"skipped {name}{suffix}"
+        else:
+            line = f"{action} {name}{ORIGIN.get(action, '')} in {duration:.2f}s{suffix}"
+        self._write(f"[{self.done}/{self.total}] {line}\n")
         if output and (failed or self.verbosity >= 0):
             self._write(output if output.endswith("\n") else output + "\n")
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from . import snapshot
 from .build import Builder, Outcome, dry_run
+from .cache import OutputCache
 from .errors import UsageError
 from .executor import Executor, LocalExecutor
 from .planner import Action, Planner
@@ -24,12 +25,16 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
           estimates: Callable[[], dict[str, float | None]] | None = None,
           capture: Callable[[], tuple | dict | None] | None = None, presumed_done: tuple[str, ...] = (),
           run_id: str | None = None, executor: Executor | None = None,
-          before: Callable[[object], None] | None = None, fast_path: bool = False) -> int:
+          before: Callable[[object], None] | None = None, fast_path: bool = False,
+          cache_at: str | None = None) -> int:
     """Build `order` and record the run. `presumed_done` are jobs the fast path proved up to date
     (counted as skipped), `fast_path` says the fast path chose what to decide; `capture` makes the snapshot to save after a good build (None removes it);
-    `before(reporter)` runs first; watch mode passes its long-lived `executor` (closed by its owner)."""
+    `before(reporter)` runs first; `cache_at` is the shared cache to use, if any; watch mode passes
+    its long-lived `executor` (closed by its owner)."""
     started_wall, started = time.time(), time.monotonic()
     run_id = run_id or args.run_id or new_run_id()
+    # Opened first: an unusable cache is a usage error before any output is drawn, removed or run.
+    cache = OutputCache.open(cache_at, create=True, warn=lambda text: reporter.message(text)) if cache_at else None
     reporter = make_reporter(len(order) + len(presumed_done), verbosity, sys.stderr if args.json else sys.stdout,
                              parallel=args.jobs, estimates=estimates)
     owned = executor is None
@@ -44,7 +49,7 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
         if args.offline == "strict":
             executor.require_isolation()  # refuse before anything runs
         builder = Builder(project.graph, order, project.store, project.hasher, planner, executor, reporter,
-                          jobs=args.jobs, keep_going=args.keep_going, run_id=run_id)
+                          jobs=args.jobs, keep_going=args.keep_going, run_id=run_id, cache=cache)
         result = builder.run()
     finally:
         if owned:

@@ -47,7 +47,8 @@ def stat_tuple(path: str) -> tuple[int, int, int, int] | None:
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
-def capture(key: tuple, project, order: list[str], shown_targets: list[str]) -> tuple[dict, list] | None:
+def capture(key: tuple, project, order: list[str], shown_targets: list[str],
+            pipefile_cache: str | None = None) -> tuple[dict, list] | None:
     """The snapshot (and pickled jobs) after a successful full-path build, or None when a
     snapshot would not be sound (directory inputs, a file changing mid-build, an unsettled source)."""
     import pickle
@@ -97,6 +98,7 @@ def capture(key: tuple, project, order: list[str], shown_targets: list[str]) -> 
         "jobs": job_names, "file_paths": file_paths, "file_stats": stats.tobytes(),
         "inputs": inputs.dump(), "outputs": outputs.dump(), "successors": successors.dump(),
         "always": always, "holds_source": holding_sources, "pools": dict(graph.pipeline.pools),
+        "cache": pipefile_cache,  # the Pipefile's `cache = ...`, for a fast-path build
     }
     return snapshot, [token, blobs]
 

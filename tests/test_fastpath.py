@@ -285,3 +285,28 @@ def test_the_fast_path_decides_like_the_full_path(tmp_path, seed):
         assert fast_ran == full_ran, f"after {edits}: fast path ran {fast_ran}, full path ran {full_ran}"
         assert outputs_of(fast.root) == outputs_of(full.root), f"after {edits}"
     assert took_fast_path >= 1  # the test would prove nothing if the snapshot never applied
+
+
+def test_the_fast_path_restores_from_the_shared_cache(project, tmp_path):
+    cache = tmp_path / "cache"
+    project.pipefile("""
+        stage copy:
+            in: src.txt
+            out: copy.txt
+            run: cp $in $out
+        stage other:
+            in: other.txt
+            out: other.out
+            run: cp $in $out
+    """)
+    project.write("src.txt", "one\n")
+    project.write("other.txt", "x\n")
+    project.build("--cache", str(cache))
+    settle(project)
+    project.build("--cache", str(cache))
+    project.write("src.txt", "two\n")
+    assert project.ran(project.build("--cache", str(cache))) == {"copy"}
+    project.write("src.txt", "one\n")  # back to a version the cache holds
+    record = project.build("--cache", str(cache))
+    assert record.get("fast_path") == "changes" and record["counts"]["restored"] == 1
+    assert [job["action"] for job in record["jobs"]] == ["restored"] and project.read("copy.txt") == "one\n"
