@@ -30,8 +30,6 @@ from .hashing import DIRECTORY_PREFIX, hash_file_contents, tree_digest, tree_fil
 from .model import Job
 
 ENTRY_FORMAT = 1
-ENV_VARIABLE = "OFFBUILD_CACHE"
-PIPEFILE_VARIABLE = "cache"
 REFRESH_SECONDS = 3600  # a hit rewrites the entry's `used` time at most this often (LRU to the hour)
 STALE_TEMP_SECONDS = 3600  # prune removes temporary files older than this (a writer died)
 _TEMP = ".tmp-"
@@ -96,18 +94,6 @@ def why_not_cached(job: Job) -> str | None:
         return "always stages are never cached"
     if not job.stage.cache:
         return "its stage says cache: false"
-    return None
-
-
-def cache_location(flag: str | None, environ, pipefile_value: str | None, invocation_dir: str,
-                   project_root: str) -> str | None:
-    """The cache to use: `--cache` > $OFFBUILD_CACHE > the Pipefile's `cache = …` (None: no cache).
-    Relative paths count from where the user stands, or from the Pipefile's folder for its own."""
-    for value, base in ((flag, invocation_dir), (environ.get(ENV_VARIABLE), invocation_dir),
-                        (pipefile_value, project_root)):
-        if value is not None and value.strip():
-            value = value.strip()
-            return value if "://" in value else os.path.normpath(os.path.join(base, os.path.expanduser(value)))
     return None
 
 

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
 import sys
-import time
 
 from . import __version__
 from .errors import OffbuildError, UsageError
@@ -111,7 +109,7 @@ def _check_executor(args) -> None:
 
 def _dispatch(args) -> int:
     # Imported here so `--version` and `--help` stay instant.
-    from .cache import cache_location
+    from .cachesetting import cache_location
     from .fastpath import fast_build
     from .records import RUN_ID
 

@@ -6,8 +6,9 @@ import os
 import sys
 
 from . import inspection, run, snapshot
-from .build import remove_stale_outputs
-from .cache import PIPEFILE_VARIABLE, OutputCache, cache_location, parse_size, why_not_cached
+from .build import remove_path, remove_stale_outputs
+from .cache import OutputCache, parse_size, why_not_cached
+from .cachesetting import PIPEFILE_VARIABLE, cache_location
 from .errors import UsageError
 from .executor import Executor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
@@ -106,7 +107,7 @@ def clean(project, order: list[str], dry: bool, verbosity: int) -> int:
             print(f"offbuild: kept {removal.path}: {removal.kept}", file=sys.stderr)
             continue
         if not dry:
-            inspection.remove_path(removal.path)
+            remove_path(removal.path)
         removed += 1
         if verbosity >= 0:
             print(f"{verb} {removal.path}" + (" (checkpoint)" if removal.kind == "checkpoint" else ""))

@@ -10,6 +10,7 @@ full path (a missing source, which is a load error there), falls back to the ful
 from __future__ import annotations
 
 import os
+import pickle
 import time
 
 from . import snapshot
@@ -132,7 +133,10 @@ def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
         if start_generation != saved["generation"]:  # another process wrote since the check
             return None
         changed_paths = {links.paths[index] for index in changed}
-        project = _ChangedPart.load(saved, sorted(affected), links, blobs, store, changed_paths)
+        try:
+            project = _ChangedPart.load(saved, sorted(affected), links, blobs, store, changed_paths)
+        except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, IndexError):
+            return None  # jobs pickled by another version of offbuild: the full path rebuilds them
         done = tuple(name for index, name in enumerate(links.order) if index not in affected)
         if args.dry_run:
             return run.show_dry_run(project, project.order, force=False, presumed_done=len(done))
@@ -175,8 +179,6 @@ class _ChangedPart:
     @classmethod
     def load(cls, saved: dict, affected: list[int], links: _Links, blobs: list[bytes], store,
              changed_paths: set[str]) -> _ChangedPart:
-        import pickle
-
         from .hashing import FileHasher
 
         names = [links.order[index] for index in affected]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 
-from .build import dry_run, remove_path
+from .build import dry_run
 from .errors import Location
 from .executor import checkpoint_path_for
 from .graph import BuildGraph

@@ -26,11 +26,13 @@ import blake3
 
 from . import __version__
 
-FORMAT = 3
+FORMAT = 4  # bump on any change to what a snapshot holds
 SNAPSHOT_NAME = "noop.snapshot"
 JOBS_NAME = "noop.jobs"
 RACY_NS = 2_000_000_000  # the same rule as hashing.RACY_NS; kept here so this module stays light
-UNTRUSTED = (0, 0, 0, 0)  # the stat saved for a file whose stat proves nothing: never matches
+UNTRUSTED = (0, 0, 0, 0)
+_FIELDS = {"format", "key", "token", "sources", "folders", "env", "generation", "targets", "jobs", "file_paths",
+           "file_stats", "inputs", "outputs", "successors", "always", "holds_source", "pools", "cache"}  # the stat saved for a file whose stat proves nothing: never matches
 
 
 def snapshot_key(pipefile: str, targets: list[str], overrides: dict[str, str], cwd_offset: str) -> tuple:
@@ -185,7 +187,7 @@ def load(state_dir: str, key: tuple) -> dict | None:
         return None
     if not isinstance(snapshot, dict) or snapshot.get("format") != FORMAT or snapshot.get("key") != key:
         return None
-    return snapshot
+    return snapshot if _FIELDS <= snapshot.keys() else None
 
 
 def load_jobs(state_dir: str, snapshot: dict) -> list[bytes] | None:

@@ -14,7 +14,6 @@ Protocol (one JSON object per line):
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import json
 import os

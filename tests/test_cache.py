@@ -14,7 +14,8 @@ import time
 import blake3
 import pytest
 
-from offbuild.cache import REFRESH_SECONDS, OutputCache, cache_location, parse_size, why_not_cached
+from offbuild.cache import REFRESH_SECONDS, OutputCache, parse_size, why_not_cached
+from offbuild.cachesetting import cache_location
 from offbuild.errors import Location, UsageError
 from offbuild.model import Job, Stage
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import textwrap
 
-import pytest
 
 
 # A stage that would run first if anything ran; its output proves a load error stopped everything.
