@@ -21,12 +21,15 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+_LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+# Python ignores SIGPIPE and this process ignores SIGINT; a recipe starts with neither ignored
+# (`yes | head` must end), as subprocess's restore_signals would do.
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGXFSZ)
 
 
 def isolate_network() -> str:
@@ -60,7 +63,8 @@ def isolate_network() -> str:
 
 class _Server:
     def __init__(self):
-        self.children: dict[int, tuple[int, subprocess.Popen]] = {}  # pid → (request id, process)
+        self.children: dict[int, int] = {}  # pid → request id
+        self.cwd = os.getcwd()
 
     def send(self, message: dict) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
@@ -68,21 +72,33 @@ class _Server:
 
     def spawn(self, request: dict) -> None:
         try:
-            with open(request["log"], "ab") as log:
-                process = subprocess.Popen(request["argv"], cwd=request["cwd"], env=request["env"],
-                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+            if request["cwd"] != self.cwd:  # posix_spawn has no chdir of its own here
+                os.chdir(request["cwd"])
+                self.cwd = request["cwd"]
+            # posix_spawn (vfork) costs a fraction of subprocess's fork; every descriptor of this process
+            # but 0-2 is close-on-exec (PEP 446), and 0-2 are replaced, so a recipe inherits none of ours.
+            pid = os.posix_spawnp(request["argv"][0], request["argv"], request["env"], setsid=True,
+                                  setsigdef=_DEFAULT_SIGNALS, file_actions=[
+                                      (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                      (os.POSIX_SPAWN_OPEN, 1, request["log"], _LOG_FLAGS, 0o644),
+                                      (os.POSIX_SPAWN_DUP2, 1, 2)])
         except OSError as error:
             self.send({"op": "error", "id": request["id"], "message": str(error)})
             return
-        self.children[process.pid] = (request["id"], process)
-        self.send({"op": "started", "id": request["id"], "pid": process.pid})
+        self.children[pid] = request["id"]
+        self.send({"op": "started", "id": request["id"], "pid": pid})
 
     def reap(self) -> None:
-        for pid, (request_id, process) in list(self.children.items()):
-            if process.poll() is not None:
-                del self.children[pid]
-                self.send({"op": "exit", "id": request_id, "code": process.returncode})
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            request_id = self.children.pop(pid, None)
+            if request_id is not None:
+                self.send({"op": "exit", "id": request_id, "code": os.waitstatus_to_exitcode(status)})
 
     def kill_all(self) -> None:
         """offbuild is gone: nobody will record these recipes, so stop them at once."""

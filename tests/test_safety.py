@@ -369,3 +369,18 @@ def test_a_checkpoint_stage_retry_resumes_from_its_checkpoint(project):
     log = project.read(".offbuild/logs/upper.log")
     assert "starting at line 1\n" in log and "starting at line 6\n" in log
     assert project.read("out.txt") == project.read("src.txt").upper()
+
+
+def test_recipes_inherit_no_descriptor_and_no_ignored_signal(project):
+    """The spawner starts recipes with posix_spawn: only stdin, stdout and stderr are passed on, and
+    SIGPIPE is back to its default (so `yes | head` ends) though Python and the spawner ignore it."""
+    project.pipefile("""
+        stage probe:
+            out: fds.txt first.txt
+            run: |
+                python3 -c "import os; print(sorted(map(int, os.listdir('/proc/self/fd'))))" > $out0
+                yes | head -1 > $out1
+    """.replace("run: |\n", "run:\n"))
+    project.run(check=0, timeout=30)
+    assert project.read("fds.txt").strip() == "[0, 1, 2, 3]"  # 3: the listing's own
+    assert project.read("first.txt") == "y\n"
