@@ -9,7 +9,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .cache import CacheEntry, NotCacheable, OutputCache, why_not_cached
 from .executor import NETWORK_HINT, NETWORK_SYMPTOMS, Executor, RecipeResult
 from .hashing import FileHasher
 from .locks import JobLocks
@@ -17,7 +16,9 @@ from .planner import Action, Decision, Planner, Reason, job_options
 from .reporter import Reporter
 from .state import StateStore, Success
 
-if TYPE_CHECKING:  # the fast path builds without networkx: any graph with the same methods will do
+if TYPE_CHECKING:  # the fast path builds without networkx (any graph with the same methods will do),
+    # and cache.py loads only when a cache is configured
+    from .cache import CacheEntry, OutputCache
     from .graph import BuildGraph
 
 
@@ -178,7 +179,7 @@ class Builder:
             self._fail(Outcome(name, "failed", decision, error=f"input '{missing[0]}' is missing"))
             self._stop = not self.keep_going
             return
-        if self.cache is not None and not self.planner.force and why_not_cached(job) is None:
+        if self.cache is not None and not self.planner.force and self.cache.why_not(job) is None:
             self._prepare_outputs(job, keep=False)
             self._running[self._threads.submit(self._fetch, job, decision.key)] = (name, "restore", decision)
             return
@@ -264,7 +265,7 @@ class Builder:
                 return False
             outputs[path] = digest
         self._record_success(name, decision, outputs, result.duration)
-        if self.cache is not None and not self._store_broken and why_not_cached(job) is None:
+        if self.cache is not None and not self._store_broken and self.cache.why_not(job) is None:
             future = self._store_threads.submit(self.cache.store, decision.key, job, outputs, result.duration)
             self._stores[future] = name
         if job.stage.checkpoint:
@@ -318,7 +319,7 @@ class Builder:
             if future.cancelled():
                 continue
             error = future.exception()
-            if isinstance(error, NotCacheable):
+            if self.cache.is_refusal(error):
                 self.reporter.message(f"offbuild: note: not caching '{name}': {error}")
             elif error is not None and not self._store_broken:
                 self._store_broken = True  # one warning, not one per job (a read-only cache, a full disk)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import stat as stat_module
 import time
 from collections import Counter
@@ -108,6 +107,16 @@ def parse_size(text: str) -> int:
 
 class OutputCache:
     """A cache at `location`, opened with `open` (which turns unusable locations into UsageError)."""
+
+    @staticmethod
+    def why_not(job: Job) -> str | None:
+        """Why `job` is never stored or restored, or None (see `why_not_cached`)."""
+        return why_not_cached(job)
+
+    @staticmethod
+    def is_refusal(error: BaseException) -> bool:
+        """Is `error` a store's "this job cannot be cached" (a note, not a failure)?"""
+        return isinstance(error, NotCacheable)
 
     def __init__(self, fs, root: str, location: str, warn=lambda text: None, clock=time.time):
         self.fs = fs
@@ -290,7 +299,7 @@ class OutputCache:
         if hash_file_contents(path, info.st_size) != digest:
             raise OSError(f"'{path}' changed after the job finished")
         self._ensure_folder(blob)
-        temporary = f"{blob}{_TEMP}{secrets.token_hex(6)}"
+        temporary = f"{blob}{_TEMP}{os.urandom(6).hex()}"
         try:
             self.fs.put_file(path, temporary)
             self.fs.mv(temporary, blob)
@@ -302,7 +311,7 @@ class OutputCache:
     def _write(self, final: str, data: bytes) -> None:
         """Write `data` whole or not at all: a temporary name beside `final`, then a move."""
         self._ensure_folder(final)
-        temporary = f"{final}{_TEMP}{secrets.token_hex(6)}"
+        temporary = f"{final}{_TEMP}{os.urandom(6).hex()}"
         try:
             self.fs.pipe_file(temporary, data)
             self.fs.mv(temporary, final)

@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 from . import snapshot
 from .build import Builder, Outcome, dry_run
-from .cache import OutputCache
 from .errors import UsageError
 from .executor import Executor, LocalExecutor
 from .planner import Action, Planner
@@ -34,7 +33,11 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
     started_wall, started = time.time(), time.monotonic()
     run_id = run_id or args.run_id or new_run_id()
     # Opened first: an unusable cache is a usage error before any output is drawn, removed or run.
-    cache = OutputCache.open(cache_at, create=True, warn=lambda text: reporter.message(text)) if cache_at else None
+    cache = None
+    if cache_at:
+        from .cache import OutputCache  # loaded only when a cache is configured
+
+        cache = OutputCache.open(cache_at, create=True, warn=lambda text: reporter.message(text))
     reporter = make_reporter(len(order) + len(presumed_done), verbosity, sys.stderr if args.json else sys.stdout,
                              parallel=args.jobs, estimates=estimates)
     owned = executor is None
