@@ -116,8 +116,8 @@ def run_with_retries(job: Job, log_path: str, attempt: Callable[[int, BinaryIO],
     stage = job.stage
     started = time.monotonic()
     attempts: list[Attempt] = []
-    open(log_path, "wb").close()  # truncate; the recipe's output is appended by the spawner
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab") as log:  # appending: the recipe's output is appended by the spawner too
+        log.truncate(0)
         for number in range(1, stage.retries + 2):
             result = attempt(number, log)
             attempts.append(result)

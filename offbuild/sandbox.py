@@ -45,6 +45,7 @@ class Spawner:
         self._next_id = 0
         self._starting: dict[int, tuple[threading.Event, list]] = {}
         self._running: dict[int, RemoteProcess] = {}
+        self._env_sent: dict[str, str] | None = None  # the environment the spawner holds now
         self._alive = True
         self._reader = threading.Thread(target=self._read, name="spawner-reader", daemon=True)
         self._reader.start()
@@ -59,7 +60,18 @@ class Spawner:
             request_id = self._next_id
             self._next_id += 1
             self._starting[request_id] = (started, answer)
-            message = {"op": "spawn", "id": request_id, "argv": argv, "cwd": cwd, "env": env, "log": log_path}
+            message = {"op": "spawn", "id": request_id, "argv": argv, "cwd": cwd, "log": log_path}
+            # Recipes' environments differ in a few OFFBUILD_* values: send the whole of it once, then
+            # only what changed (the spawner applies each request's changes in order).
+            if self._env_sent is None:
+                message["env"] = self._env_sent = dict(env)
+            else:
+                sent = self._env_sent
+                message["env_set"] = {name: value for name, value in env.items() if sent.get(name) != value}
+                message["env_unset"] = [name for name in sent if name not in env]
+                sent.update(message["env_set"])
+                for name in message["env_unset"]:
+                    del sent[name]
             try:
                 self.process.stdin.write((json.dumps(message) + "\n").encode())
                 self.process.stdin.flush()

@@ -7,7 +7,9 @@ every recipe it started: no recipe outlives a crashed build.
 
 Protocol (one JSON object per line):
   spawner → offbuild  {"op": "ready", "isolated": bool, "reason": str}
-  offbuild → spawner  {"op": "spawn", "id": N, "argv": [...], "cwd": str, "env": {...}, "log": path}
+  offbuild → spawner  {"op": "spawn", "id": N, "argv": [...], "cwd": str, "log": path,
+                       "env": {...} (the whole environment, first) or "env_set": {...}, "env_unset": [...]
+                       (changes to the previous request's environment)}
   spawner → offbuild  {"op": "started", "id": N, "pid": P} | {"op": "exit", "id": N, "code": C}
                       | {"op": "error", "id": N, "message": str}
 """
@@ -65,19 +67,26 @@ class _Server:
     def __init__(self):
         self.children: dict[int, int] = {}  # pid → request id
         self.cwd = os.getcwd()
+        self.env: dict[str, str] = {}
 
     def send(self, message: dict) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
         sys.stdout.flush()
 
     def spawn(self, request: dict) -> None:
+        if "env" in request:
+            self.env = request["env"]
+        else:
+            self.env.update(request["env_set"])
+            for name in request["env_unset"]:
+                self.env.pop(name, None)
         try:
             if request["cwd"] != self.cwd:  # posix_spawn has no chdir of its own here
                 os.chdir(request["cwd"])
                 self.cwd = request["cwd"]
             # posix_spawn (vfork) costs a fraction of subprocess's fork; every descriptor of this process
             # but 0-2 is close-on-exec (PEP 446), and 0-2 are replaced, so a recipe inherits none of ours.
-            pid = os.posix_spawnp(request["argv"][0], request["argv"], request["env"], setsid=True,
+            pid = os.posix_spawnp(request["argv"][0], request["argv"], self.env, setsid=True,
                                   setsigdef=_DEFAULT_SIGNALS, file_actions=[
                                       (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                       (os.POSIX_SPAWN_OPEN, 1, request["log"], _LOG_FLAGS, 0o644),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import alive
+
 distributed = pytest.importorskip("distributed", reason="needs dask[distributed]: pip install -e '.[dask]'")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,13 +27,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def wait_for(predicate, timeout: float = 20.0) -> None:

@@ -76,3 +76,20 @@ def test_death_by_signal_is_128_plus_n(tmp_path):
     finally:
         runner.close()
     assert result.exit_code == 143
+
+
+def test_the_spawner_gives_each_recipe_exactly_its_environment(tmp_path):
+    """The spawner is sent the whole environment once, then only changes: each recipe must still
+    see exactly its own (values changed, added and removed between requests)."""
+    spawner = Spawner(isolate=False)
+    envs = [{"PATH": "/usr/bin:/bin", "A": "1", "B": "2"}, {"PATH": "/usr/bin:/bin", "A": "one", "C": "3"},
+            {"PATH": "/usr/bin:/bin"}, {"PATH": "/usr/bin:/bin", "B": "2"}]
+    try:
+        for number, env in enumerate(envs):
+            log = tmp_path / f"{number}.log"
+            process = spawner.spawn(["sh", "-c", "env | grep -E '^(A|B|C)=' | sort"], str(tmp_path), env, str(log))
+            assert process.wait(timeout=10) == 0
+            expected = sorted(f"{name}={value}" for name, value in env.items() if name in "ABC")
+            assert log.read_text().split() == expected
+    finally:
+        spawner.close()

@@ -39,6 +39,7 @@ import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
+from conftest import alive
 from conftest_hypothesis import budget, report
 
 BUILD_TIMEOUT = 60
@@ -298,16 +299,6 @@ def report_counts(request):
 
 # --------------------------------------------------------------------------- running offbuild
 
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 class Scenario:
