@@ -67,8 +67,10 @@ def build(project, order: list[str], args, targets: list[str], verbosity: int,
     shown_targets = targets or [spec.text for spec in project.targets([])]
     pipefile_cache = pipefile_cache_location(project)
 
-    def capture():
-        return snapshot.capture(snapshot_key, project, order, shown_targets, pipefile_cache) if snapshot_key else None
+    def capture(unsettled: set[str]):
+        if snapshot_key is None:
+            return None
+        return snapshot.capture(snapshot_key, project, order, shown_targets, pipefile_cache, unsettled)
 
     def remove_stale(reporter) -> None:
         remove_stale_outputs(project.graph, project.records, project.hasher, project.store, reporter)

@@ -43,7 +43,7 @@ def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | 
         return None
     if snapshot.store_generation(os.path.join(STATE_DIR, "state.db")) != saved["generation"]:
         return None
-    if not changed and not saved["always"]:
+    if not changed and not saved["always"] and not saved["unsettled"]:
         if args.dry_run:
             print(f"offbuild: dry run: 0 would run, {len(saved['jobs'].splitlines())} up to date")
             return 0
@@ -91,10 +91,10 @@ class _Links:
     def dependents(self, job: int):
         return self.next_flat[self.next_offsets[job]:self.next_offsets[job + 1]]
 
-    def affected_by(self, changed: set[int], always: list[int]) -> set[int]:
-        """Jobs reading or making a changed file, `always` jobs, and everything downstream of them
-        (which must be decided again; early cutoff may still skip it)."""
-        affected = set(always)
+    def affected_by(self, changed: set[int], undecided: list[int]) -> set[int]:
+        """Jobs reading or making a changed file, the `undecided` ones (`always`, or left failed or
+        blocked), and everything downstream of them (decided again; early cutoff may still skip it)."""
+        affected = set(undecided)
         for job in range(len(self.order)):
             if not changed.isdisjoint(self.inputs(job)) or not changed.isdisjoint(self.outputs(job)):
                 affected.add(job)
@@ -114,7 +114,7 @@ def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
     made = set(links.out_flat)
     if any(index not in made and snapshot.stat_tuple(links.paths[index]) is None for index in changed):
         return None  # a source is gone: the full path reports it as a load error, with its location
-    affected = links.affected_by(changed_set, saved["always"])
+    affected = links.affected_by(changed_set, saved["always"] + saved["unsettled"])
     blobs = snapshot.load_jobs(STATE_DIR, saved)
     if blobs is None:
         return None
@@ -141,13 +141,14 @@ def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
         if args.dry_run:
             return run.show_dry_run(project, project.order, force=False, presumed_done=len(done))
 
-        def capture():
-            if store.generation() != start_generation + store.bumps:
+        def capture(unsettled: set[str]):
+            if store.generation() != start_generation + store.bumps or project.hasher.unstable:
                 return None
             outputs = changed_set.union(*(links.outputs(job) for job in affected))
             verified = project.hasher.verified  # still verified: unchanged, not rewritten by a recipe
             looked_at = {index for index in outputs if links.paths[index] not in verified}
-            return snapshot.refresh(saved, project.hasher.entries, looked_at, store.generation())
+            left = sorted(index for index in affected if links.order[index] in unsettled)
+            return snapshot.refresh(saved, project.hasher.entries, looked_at, store.generation(), left)
 
         estimates = {name: record.duration for name, record in project.records.items()}
         return run.build(project, project.order, args, saved["targets"], args.verbose - args.quiet,

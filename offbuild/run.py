@@ -18,16 +18,18 @@ from .reporter import make_reporter
 from .state import STATE_DIR
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+_SETTLED = ("ran", "skipped", "resumed", "restored")  # outcomes after which a job is up to date
 
 
 def build(project, order: list[str], args, shown_targets: list[str], verbosity: int, *,
           estimates: Callable[[], dict[str, float | None]] | None = None,
-          capture: Callable[[], tuple | dict | None] | None = None, presumed_done: tuple[str, ...] = (),
+          capture: Callable[[set[str]], tuple | dict | None] | None = None, presumed_done: tuple[str, ...] = (),
           run_id: str | None = None, executor: Executor | None = None,
           before: Callable[[object], None] | None = None, fast_path: bool = False,
           cache_at: str | None = None) -> int:
     """Build `order` and record the run. `presumed_done` are jobs the fast path proved up to date
-    (counted as skipped), `fast_path` says the fast path chose what to decide; `capture` makes the snapshot to save after a good build (None removes it);
+    (counted as skipped), `fast_path` says the fast path chose what to decide. `capture(unsettled)`
+    makes the snapshot to save afterwards, given the jobs left not up to date (None removes it).
     `before(reporter)` runs first; `cache_at` is the shared cache to use, if any; watch mode passes
     its long-lived `executor` (closed by its owner)."""
     started_wall, started = time.time(), time.monotonic()
@@ -70,7 +72,8 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
     if fast_path:
         record["fast_path"] = "changes"
     write_run_record(STATE_DIR, record)
-    snapshot.save(STATE_DIR, capture() if capture is not None and result.status == "ok" else None)
+    unsettled = {outcome.name for outcome in result.outcomes.values() if outcome.action not in _SETTLED}
+    snapshot.save(STATE_DIR, capture(unsettled) if capture is not None else None)
     reporter.summary(counts, time.monotonic() - started, {"ok": "done"}.get(result.status, result.status))
     if args.json:
         print(json.dumps(record, indent=2))

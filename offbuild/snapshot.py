@@ -26,13 +26,13 @@ import blake3
 
 from . import __version__
 
-FORMAT = 4  # bump on any change to what a snapshot holds
+FORMAT = 5  # bump on any change to what a snapshot holds
 SNAPSHOT_NAME = "noop.snapshot"
 JOBS_NAME = "noop.jobs"
 RACY_NS = 2_000_000_000  # the same rule as hashing.RACY_NS; kept here so this module stays light
-UNTRUSTED = (0, 0, 0, 0)
+UNTRUSTED = (0, 0, 0, 0)  # the stat saved for a file whose stat proves nothing: never matches
 _FIELDS = {"format", "key", "token", "sources", "folders", "env", "generation", "targets", "jobs", "file_paths",
-           "file_stats", "inputs", "outputs", "successors", "always", "holds_source", "pools", "cache"}  # the stat saved for a file whose stat proves nothing: never matches
+           "file_stats", "inputs", "outputs", "successors", "always", "unsettled", "holds_source", "pools", "cache"}
 
 
 def snapshot_key(pipefile: str, targets: list[str], overrides: dict[str, str], cwd_offset: str) -> tuple:
@@ -49,10 +49,12 @@ def stat_tuple(path: str) -> tuple[int, int, int, int] | None:
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
-def capture(key: tuple, project, order: list[str], shown_targets: list[str],
-            pipefile_cache: str | None = None) -> tuple[dict, list] | None:
-    """The snapshot (and pickled jobs) after a successful full-path build, or None when a
-    snapshot would not be sound (directory inputs, a file changing mid-build, an unsettled source)."""
+def capture(key: tuple, project, order: list[str], shown_targets: list[str], pipefile_cache: str | None = None,
+            unsettled: set[str] = frozenset()) -> tuple[dict, list] | None:
+    """The snapshot (and pickled jobs) after a full-path build, or None when a snapshot would not be
+    sound (directory inputs, a file changing mid-build, an unsettled source). `unsettled` are the
+    jobs the build did not bring up to date (failed, blocked, interrupted): every later fast-path
+    build decides them again, as it does `always` jobs."""
     import pickle
 
     graph, hasher, store = project.graph, project.hasher, project.store
@@ -99,7 +101,8 @@ def capture(key: tuple, project, order: list[str], shown_targets: list[str],
         "env": sorted(env.items()), "generation": generation, "targets": list(shown_targets),
         "jobs": job_names, "file_paths": file_paths, "file_stats": stats.tobytes(),
         "inputs": inputs.dump(), "outputs": outputs.dump(), "successors": successors.dump(),
-        "always": always, "holds_source": holding_sources, "pools": dict(graph.pipeline.pools),
+        "always": always, "unsettled": sorted(index_of_job[name] for name in unsettled if name in index_of_job),
+        "holds_source": holding_sources, "pools": dict(graph.pipeline.pools),
         "cache": pipefile_cache,  # the Pipefile's `cache = ...`, for a fast-path build
     }
     return snapshot, [token, blobs]
@@ -111,15 +114,16 @@ def _for_building(job):
     return replace(job, input_locations=(), stage=replace(job.stage, inputs=(), outputs=(), recipe=(), after=()))
 
 
-def refresh(snapshot: dict, entries: dict, looked_at: set[int], generation: int) -> dict:
+def refresh(snapshot: dict, entries: dict, looked_at: set[int], generation: int, unsettled: list[int]) -> dict:
     """The same snapshot after a fast-path build: new stats for the files it may have seen change
-    (`looked_at`: the changed files and the affected jobs' outputs); one it did not hash stays untrusted."""
+    (`looked_at`: the changed files and the affected jobs' outputs; one it did not hash stays
+    untrusted), and the jobs this build left unsettled."""
     stats = array("q")
     stats.frombytes(snapshot["file_stats"])
     paths = snapshot["file_paths"].split("\n")
     for index in looked_at:
         stats[4 * index:4 * index + 4] = array("q", _trusted_stat(entries.get(paths[index])))
-    return {**snapshot, "file_stats": stats.tobytes(), "generation": generation}
+    return {**snapshot, "file_stats": stats.tobytes(), "generation": generation, "unsettled": unsettled}
 
 
 def _trusted_stat(entry) -> tuple[int, int, int, int]:
