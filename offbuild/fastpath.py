@@ -10,11 +10,9 @@ full path (a missing source, which is a load error there), falls back to the ful
 from __future__ import annotations
 
 import os
-import pickle
 import time
 
-from . import snapshot
-from .state import STATE_DIR
+from . import STATE_DIR, snapshot
 
 
 def fast_build(args, targets: list[str], overrides: dict[str, str]) -> int | None:
@@ -118,6 +116,8 @@ def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
     blobs = snapshot.load_jobs(STATE_DIR, saved)
     if blobs is None:
         return None
+    import pickle
+
     from . import run
     from .executor import LocalExecutor
     from .state import StateStore
@@ -180,6 +180,8 @@ class _ChangedPart:
     @classmethod
     def load(cls, saved: dict, affected: list[int], links: _Links, blobs: list[bytes], store,
              changed_paths: set[str]) -> _ChangedPart:
+        import pickle
+
         from .hashing import FileHasher
 
         names = [links.order[index] for index in affected]

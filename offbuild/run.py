@@ -8,14 +8,13 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import snapshot
+from . import STATE_DIR, snapshot
 from .build import Builder, Outcome, dry_run
 from .errors import UsageError
 from .executor import Executor, LocalExecutor
 from .planner import Action, Planner
 from .records import iso, new_run_id, write_run_record
 from .reporter import make_reporter
-from .state import STATE_DIR
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 _SETTLED = ("ran", "skipped", "resumed", "restored")  # outcomes after which a job is up to date

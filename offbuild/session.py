@@ -11,7 +11,8 @@ from .hashing import RACY_NS, FileHasher
 from .jsonform import load_json
 from .model import PathSpec, Pipeline
 from .parser import load_pipefile
-from .state import STATE_DIR, JobRecord, StateStore
+from . import STATE_DIR
+from .state import JobRecord, StateStore
 
 _NO_LOCATION = Location("<command line>", 0, 0)
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from .errors import OffbuildError
 from .hashing import StatEntry
 
-STATE_DIR = ".offbuild"  # beside the Pipefile; the store, logs, locks, checkpoints and run records
 SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema (version INTEGER NOT NULL);
