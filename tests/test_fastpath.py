@@ -5,6 +5,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -340,3 +342,21 @@ def test_the_fast_path_restores_from_the_shared_cache(project, tmp_path):
     record = project.build("--cache", str(cache))
     assert record.get("fast_path") == "changes" and record["counts"]["restored"] == 1
     assert [job["action"] for job in record["jobs"]] == ["restored"] and project.read("copy.txt") == "one\n"
+
+
+# -- the parsed Pipefile is kept while its files are unchanged
+
+
+def test_an_unchanged_pipefile_is_not_parsed_again(project):
+    settled_project(project)
+    assert (project.root / ".offbuild" / "pipeline.cache").exists()
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "offbuild", "--explain", "all"],
+                            cwd=project.root, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "all" in result.stdout
+    assert " lark" not in result.stderr  # the model came from the cache: lark was never loaded
+    project.pipefile(PIPEFILE.replace('echo "$$SEPARATOR"', 'echo "[$$SEPARATOR]"'))
+    settle(project)
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "offbuild"], cwd=project.root,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and " lark" in result.stderr  # edited: parsed again
+    assert project.ran(project.last_record()) == {"all"} and project.read("all.txt").endswith("[]\n")
