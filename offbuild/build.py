@@ -168,6 +168,10 @@ class Builder:
                 self.planner.records.pop(name, None)
             else:
                 self.planner.records[name] = fresh
+            for path in job.outputs:  # another offbuild rewrote them
+                self.hasher.forget(path)
+            for path in job.inputs:  # and may have rewritten these: stat them again
+                self.hasher.recheck(path)
             decision = self.planner.decide(job)
             if decision.action is Action.SKIP:  # built meanwhile by another offbuild
                 self._leave(name)

@@ -107,6 +107,11 @@ class FileHasher:
         self.verified.pop(path, None)
         self.first_digest.pop(path, None)
 
+    def recheck(self, path: str) -> None:
+        """Stat `path` again before trusting what is known about it (another process may have
+        written it since it was verified)."""
+        self.verified.pop(path, None)
+
     def take_fresh(self) -> dict[str, StatEntry]:
         """New entries since the last call, for saving."""
         fresh, self.fresh = self.fresh, {}

@@ -360,3 +360,30 @@ def test_an_unchanged_pipefile_is_not_parsed_again(project):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and " lark" in result.stderr  # edited: parsed again
     assert project.ran(project.last_record()) == {"all"} and project.read("all.txt").endswith("[]\n")
+
+
+def test_two_fast_path_builds_at_once_run_each_job_once(project):
+    project.pipefile("""
+        stage slow:
+            in: src.txt
+            out: slow.txt
+            run: echo slow >> runs.log; sleep 0.5; cp $in $out
+        stage after:
+            in: slow.txt
+            out: after.txt
+            run: echo after >> runs.log; cp $in $out
+    """)
+    project.write("src.txt", "one\n")
+    project.build()
+    settle(project)
+    project.build()
+    (project.root / "runs.log").unlink()
+    project.write("src.txt", "two\n")
+    both = [subprocess.Popen([sys.executable, "-m", "offbuild", "--json"], cwd=project.root, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    records = [json.loads(process.communicate(timeout=60)[0]) for process in both]
+    assert [process.returncode for process in both] == [0, 0]
+    assert any(record.get("fast_path") == "changes" for record in records)
+    assert sorted(project.read("runs.log").split()) == ["after", "slow"]  # each job ran exactly once
+    assert project.read("after.txt") == "two\n"
+    assert project.ran(project.build()) == set()
