@@ -288,8 +288,18 @@ def ran_in(root: Path) -> tuple[dict, dict[str, str]]:
     return record, {job["stage"]: job["action"] for job in record["jobs"]}
 
 
-@pytest.mark.parametrize("seed", range(16))
-def test_the_fast_path_decides_like_the_full_path(tmp_path, seed):
+def both_at_once(project: Project, *args: str) -> list[tuple[int, dict]]:
+    """Two offbuild processes started together on one project: exit codes and run records."""
+    processes = [subprocess.Popen([sys.executable, "-m", "offbuild", "--json", *args], cwd=project.root,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [process.communicate(timeout=120) for process in processes]
+    return [(process.returncode, json.loads(out[out.index("{"):])) for process, (out, _) in zip(processes, outcomes)]
+
+
+@pytest.mark.parametrize("seed,two", [(seed, False) for seed in range(16)] + [(seed, True) for seed in range(100, 108)])
+def test_the_fast_path_decides_like_the_full_path(tmp_path, seed, two):
+    """On random pipelines and edits, the fast path does exactly what the full path does; with
+    `two`, two fast-path builds at once do it between them, each successful job once."""
     rng = random.Random(seed)
     pipefile, sources = random_pipeline(rng)
     fast = Project(tmp_path / "fast")
@@ -308,13 +318,22 @@ def test_the_fast_path_decides_like_the_full_path(tmp_path, seed):
         dry_fast, dry_full = fast.run("-n", check=0).stdout, full.run("-n", check=0).stdout
         assert sorted(dry_fast.splitlines()) == sorted(dry_full.splitlines()), f"after {edits}"
         # -k: which independent jobs start before a failure stops a build is scheduling, not decision
-        fast_code, full_code = fast.run("-k").returncode, full.run("-k").returncode
-        assert fast_code == full_code, f"after {edits}: exit {fast_code} on the fast path, {full_code} on the full"
-        fast_record, fast_ran = ran_in(fast.root)
+        full_code = full.run("-k").returncode
         full_record, full_ran = ran_in(full.root)
         assert not full_record.get("fast_path")
-        took_fast_path += fast_record.get("fast_path") == "changes"
-        assert fast_ran == full_ran, f"after {edits}: fast path ran {fast_ran}, full path ran {full_ran}"
+        if two:
+            results = both_at_once(fast, "-k")
+            assert [code for code, _ in results] == [full_code] * 2, f"after {edits}"
+            ran = [job["stage"] for _, record in results for job in record["jobs"] if job["action"] == "ran"]
+            assert sorted(ran) == sorted(name for name, action in full_ran.items() if action == "ran"), \
+                f"after {edits}: the two ran {sorted(ran)}, the full path {full_ran}"
+            took_fast_path += any(record.get("fast_path") == "changes" for _, record in results)
+        else:
+            fast_code = fast.run("-k").returncode
+            assert fast_code == full_code, f"after {edits}: exit {fast_code} on the fast path, {full_code} on the full"
+            fast_record, fast_ran = ran_in(fast.root)
+            took_fast_path += fast_record.get("fast_path") == "changes"
+            assert fast_ran == full_ran, f"after {edits}: fast path ran {fast_ran}, full path ran {full_ran}"
         assert outputs_of(fast.root) == outputs_of(full.root), f"after {edits}"
     assert took_fast_path >= 1  # the test would prove nothing if the snapshot never applied
 
