@@ -195,9 +195,23 @@ class _ChangedPart:
         paths = {path for job in jobs.values() for path in job.inputs + job.outputs}
         hasher = FileHasher(store.load_stat_entries([path for path in paths if path in changed_paths]))
         # Every other file's stat matched the snapshot's, which was its entry's: its digest holds.
-        hasher.verified = store.load_digests([path for path in paths if path not in changed_paths])
+        # A job that was up to date then recorded exactly those digests: take them from its record.
+        records = store.load_jobs_named(names)
+        unsettled = {links.order[index] for index in saved["unsettled"]}
+        verified: dict[str, str] = {}
+        for name, job in jobs.items():
+            record = records.get(name)
+            if record is not None and record.key is not None and not record.failed and name not in unsettled:
+                verified.update(record.inputs)
+                verified.update(record.outputs)
+        for path in changed_paths:
+            verified.pop(path, None)
+        verified = {path: digest for path, digest in verified.items() if path in paths}
+        verified.update(store.load_digests([path for path in paths if path not in changed_paths
+                                            and path not in verified]))
+        hasher.verified = verified
         return cls(names, jobs, dependents, dependencies, saved["pools"], set(saved["holds_source"]), store,
-                   store.load_jobs_named(names), hasher)
+                   records, hasher)
 
     def dependencies(self, name: str) -> list[str]:
         return self._dependencies[name]

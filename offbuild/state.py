@@ -54,6 +54,7 @@ class JobRecord:
     failed_run: str | None = None
     failed_at: float | None = None
     _outputs: dict | None = field(default=None, repr=False)
+    _inputs: dict | None = field(default=None, repr=False)
 
     @property
     def outputs(self) -> dict[str, str]:
@@ -63,7 +64,9 @@ class JobRecord:
 
     @property
     def inputs(self) -> dict[str, str]:
-        return json.loads(self.inputs_json) if self.inputs_json else {}
+        if self._inputs is None:
+            self._inputs = json.loads(self.inputs_json) if self.inputs_json else {}
+        return self._inputs
 
     @property
     def env(self) -> dict[str, str]:

@@ -406,3 +406,29 @@ def test_two_fast_path_builds_at_once_run_each_job_once(project):
     assert sorted(project.read("runs.log").split()) == ["after", "slow"]  # each job ran exactly once
     assert project.read("after.txt") == "two\n"
     assert project.ran(project.build()) == set()
+
+
+def test_a_flaky_failure_then_a_revert_rebuilds_from_the_right_input(project):
+    """A failed job's record still holds its last success's digests: the fast path must not take
+    them for the current ones, or a later revert of the input would wrongly skip."""
+    project.pipefile("""
+        stage copy:
+            in: src.txt
+            out: out.txt
+            run: test ! -e fail.flag && cp $in $out
+    """)
+    project.write("src.txt", "one\n")
+    project.build()
+    settle(project)
+    project.build()
+    project.write("src.txt", "two\n")
+    project.write("fail.flag", "")
+    project.run(check=1)
+    settle(project)
+    project.run(check=1)  # fails again, and learns the settled stat of src.txt
+    (project.root / "fail.flag").unlink()
+    record = project.build()
+    assert record.get("fast_path") == "changes" and project.ran(record) == {"copy"}
+    assert project.read("out.txt") == "two\n"
+    project.write("src.txt", "one\n")  # back to the first content
+    assert project.ran(project.build()) == {"copy"} and project.read("out.txt") == "one\n"
