@@ -298,22 +298,19 @@ class OutputCache:
             pass
         if hash_file_contents(path, info.st_size) != digest:
             raise OSError(f"'{path}' changed after the job finished")
-        self._ensure_folder(blob)
-        temporary = f"{blob}{_TEMP}{os.urandom(6).hex()}"
-        try:
-            self.fs.put_file(path, temporary)
-            self.fs.mv(temporary, blob)
-        except BaseException:
-            self._discard(temporary)
-            raise
+        self._put(blob, lambda temporary: self.fs.put_file(path, temporary))
         return cached
 
     def _write(self, final: str, data: bytes) -> None:
-        """Write `data` whole or not at all: a temporary name beside `final`, then a move."""
+        """Write `data` to `final` whole or not at all."""
+        self._put(final, lambda temporary: self.fs.pipe_file(temporary, data))
+
+    def _put(self, final: str, upload) -> None:
+        """`upload(name)` to a temporary name beside `final`, then move it there: readers see all or nothing."""
         self._ensure_folder(final)
         temporary = f"{final}{_TEMP}{os.urandom(6).hex()}"
         try:
-            self.fs.pipe_file(temporary, data)
+            upload(temporary)
             self.fs.mv(temporary, final)
         except BaseException:
             self._discard(temporary)
