@@ -26,12 +26,16 @@ from offbuild.hashing import FileHasher
 CHUNK = 1 << 20
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
+def read_into(digest, path: str) -> str:
+    """Feed the file to `digest` a chunk at a time, as a streaming hasher would."""
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256(path: str) -> str:
+    return read_into(hashlib.sha256(), path)
 
 
 def blake3_mmap_threads(path: str) -> str:
@@ -53,11 +57,7 @@ def contenders() -> dict:
         import xxhash
 
         def xxh3(path: str) -> str:
-            digest = xxhash.xxh3_128()
-            with open(path, "rb") as handle:
-                while chunk := handle.read(CHUNK):
-                    digest.update(chunk)
-            return digest.hexdigest()
+            return read_into(xxhash.xxh3_128(), path)
 
         found["xxh3_128 (not cryptographic)"] = xxh3
     except ImportError:

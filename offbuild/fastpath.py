@@ -36,7 +36,8 @@ def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | 
     saved = snapshot.load(STATE_DIR, key)
     if saved is None or not snapshot.structure_holds(saved):
         return None
-    changed = snapshot.changed_files(saved)
+    paths = snapshot.paths_of(saved)
+    changed = snapshot.changed_files(saved, paths)
     if changed is None:
         return None
     if snapshot.store_generation(os.path.join(STATE_DIR, "state.db")) != saved["generation"]:
@@ -46,7 +47,7 @@ def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | 
             print(f"offbuild: dry run: 0 would run, {len(saved['jobs'].splitlines())} up to date")
             return 0
         return _record_noop(args, saved, started_wall, started)
-    return _build_changes(args, saved, changed)
+    return _build_changes(args, saved, paths, changed)
 
 
 def _record_noop(args, saved: dict, started_wall: float, started: float) -> int:
@@ -73,9 +74,9 @@ def _record_noop(args, saved: dict, started_wall: float, started: float) -> int:
 class _Links:
     """The snapshot's per-job lists: input files, output files, dependent jobs (by index)."""
 
-    def __init__(self, saved: dict):
+    def __init__(self, saved: dict, paths: list[str]):
         self.order = saved["jobs"].split("\n")
-        self.paths = saved["file_paths"].split("\n")
+        self.paths = paths
         self.in_offsets, self.in_flat = snapshot.load_lists(saved["inputs"])
         self.out_offsets, self.out_flat = snapshot.load_lists(saved["outputs"])
         self.next_offsets, self.next_flat = snapshot.load_lists(saved["successors"])
@@ -105,9 +106,9 @@ class _Links:
         return affected
 
 
-def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
+def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> int | None:
     """Decide (and unless -n, run) the jobs the changed files affect; None to fall back to the full path."""
-    links = _Links(saved)
+    links = _Links(saved, paths)
     changed_set = set(changed)
     made = set(links.out_flat)
     if any(index not in made and snapshot.stat_tuple(links.paths[index]) is None for index in changed):
@@ -148,7 +149,7 @@ def _build_changes(args, saved: dict, changed: list[int]) -> int | None:
             verified = project.hasher.verified  # still verified: unchanged, not rewritten by a recipe
             looked_at = {index for index in outputs if links.paths[index] not in verified}
             left = sorted(index for index in affected if links.order[index] in unsettled)
-            return snapshot.refresh(saved, project.hasher.entries, looked_at, store.generation(), left)
+            return snapshot.refresh(saved, paths, project.hasher.entries, looked_at, store.generation(), left)
 
         estimates = {name: record.duration for name, record in project.records.items()}
         return run.build(project, project.order, args, saved["targets"], args.verbose - args.quiet,

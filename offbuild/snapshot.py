@@ -114,13 +114,13 @@ def _for_building(job):
     return replace(job, input_locations=(), stage=replace(job.stage, inputs=(), outputs=(), recipe=(), after=()))
 
 
-def refresh(snapshot: dict, entries: dict, looked_at: set[int], generation: int, unsettled: list[int]) -> dict:
+def refresh(snapshot: dict, paths: list[str], entries: dict, looked_at: set[int], generation: int,
+            unsettled: list[int]) -> dict:
     """The same snapshot after a fast-path build: new stats for the files it may have seen change
     (`looked_at`: the changed files and the affected jobs' outputs; one it did not hash stays
     untrusted), and the jobs this build left unsettled."""
     stats = array("q")
     stats.frombytes(snapshot["file_stats"])
-    paths = snapshot["file_paths"].split("\n")
     for index in looked_at:
         stats[4 * index:4 * index + 4] = array("q", _trusted_stat(entries.get(paths[index])))
     return {**snapshot, "file_stats": stats.tobytes(), "generation": generation, "unsettled": unsettled}
@@ -233,11 +233,15 @@ def _current_listing(path: str) -> str | None:
         return None
 
 
-def changed_files(snapshot: dict) -> list[int] | None:
-    """Indices of the files whose stat differs from the snapshot's (missing ones included)."""
+def paths_of(snapshot: dict) -> list[str]:
+    """The snapshot's files; the file indices of its other fields point into this list."""
+    return snapshot["file_paths"].split("\n") if snapshot["file_paths"] else []
+
+
+def changed_files(snapshot: dict, paths: list[str]) -> list[int] | None:
+    """Indices of the files (`paths_of(snapshot)`) whose stat differs from the snapshot's, missing ones included."""
     stats = array("q")
     stats.frombytes(snapshot["file_stats"])
-    paths = snapshot["file_paths"].split("\n") if snapshot["file_paths"] else []
     if len(stats) != 4 * len(paths):
         return None
     changed = []

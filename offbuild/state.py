@@ -191,31 +191,23 @@ class StateStore:
 
     def load_stat_entries(self, paths: list[str]) -> dict[str, StatEntry]:
         """The stat cache entries of just these paths (a fast-path build needs few of them)."""
-        found = {}
-        for start in range(0, len(paths), _BATCH):
-            batch = paths[start:start + _BATCH]
-            rows = self.db.execute("SELECT path, size, mtime_ns, ino, ctime_ns, digest, recorded_ns FROM files"
-                                   f" WHERE path IN ({','.join('?' * len(batch))})", batch)
-            found.update((row[0], StatEntry(*row[1:])) for row in rows)
-        return found
+        rows = self._rows_where_in("SELECT path, size, mtime_ns, ino, ctime_ns, digest, recorded_ns FROM files"
+                                   " WHERE path", paths)
+        return {row[0]: StatEntry(*row[1:]) for row in rows}
 
     def load_digests(self, paths: list[str]) -> dict[str, str]:
         """Just the recorded digests of these paths (cheaper than whole entries)."""
-        found = {}
-        for start in range(0, len(paths), _BATCH):
-            batch = paths[start:start + _BATCH]
-            found.update(self.db.execute(f"SELECT path, digest FROM files WHERE path IN ({','.join('?' * len(batch))})",
-                                         batch))
-        return found
+        return dict(self._rows_where_in("SELECT path, digest FROM files WHERE path", paths))
 
     def load_jobs_named(self, names: list[str]) -> dict[str, JobRecord]:
         """The records of just these jobs."""
-        found = {}
-        for start in range(0, len(names), _BATCH):
-            batch = names[start:start + _BATCH]
-            rows = self.db.execute(f"{_SELECT_JOBS} WHERE name IN ({','.join('?' * len(batch))})", batch)
-            found.update((row[0], _job_record(row)) for row in rows)
-        return found
+        return {row[0]: _job_record(row) for row in self._rows_where_in(f"{_SELECT_JOBS} WHERE name", names)}
+
+    def _rows_where_in(self, query: str, values: list[str]):
+        """The rows of `query IN (values)`, asked in batches SQLite's parameter limit allows."""
+        for start in range(0, len(values), _BATCH):
+            batch = values[start:start + _BATCH]
+            yield from self.db.execute(f"{query} IN ({','.join('?' * len(batch))})", batch)
 
     def load_job(self, name: str) -> JobRecord | None:
         """One job's record as it is now (another offbuild process may just have written it)."""

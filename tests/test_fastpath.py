@@ -37,6 +37,13 @@ def settle(project, seconds=10):
         os.utime(folder, (past, past))
 
 
+def build_settled(project):
+    """Build, settle, build again: the saved snapshot trusts every stat."""
+    project.build()
+    settle(project)
+    project.build()
+
+
 def settled_project(project):
     project.pipefile(PIPEFILE)
     project.write("in/a.txt", "a\n")
@@ -89,9 +96,7 @@ def test_a_failure_recorded_elsewhere_defeats_the_fast_path(project):
             run: test "$$MODE" != bad
     """)
     project.write("code.txt", "x\n")
-    project.build()
-    settle(project)
-    project.build()
+    build_settled(project)
     assert project.build().get("fast_path")
     project.run("-B", "check", env={"MODE": "bad"}, check=1)  # other targets: the store now says "failed"
     record = project.build()
@@ -129,9 +134,7 @@ def test_early_cutoff_on_the_fast_path(project):
             run: cat $in $in > $out
     """)
     project.write("src.txt", "abc\n")
-    project.build()
-    settle(project)
-    project.build()
+    build_settled(project)
     project.write("src.txt", "axyz\n")  # same first byte: `first` rewrites the same output
     record = project.build()
     assert record.get("fast_path") == "changes"
@@ -155,9 +158,7 @@ def test_a_deleted_source_is_still_a_load_error(project):
     """)
     project.write("keep/src.txt", "x\n")
     project.write("keep/other.txt", "so the folder is not empty\n")
-    project.build()
-    settle(project)
-    project.build()
+    build_settled(project)
     (project.root / "keep/src.txt").unlink()
     result = project.run(check=2)
     assert "keep/src.txt" in result.stderr and "Pipefile:3" in result.stderr
@@ -176,9 +177,7 @@ def test_after_a_failure_the_fix_takes_the_fast_path_and_reruns_the_failed_job(p
     """)
     project.write("code.txt", "good\n")
     project.write("other.txt", "x\n")
-    project.build()
-    settle(project)
-    project.build()
+    build_settled(project)
     project.write("code.txt", "bad\n")
     project.run(check=1)
     assert not project.exists("checked.txt")
@@ -221,9 +220,7 @@ def test_always_stages_run_on_every_fast_build(project):
             run: cp $in $out
     """)
     project.write("src.txt", "x\n")
-    project.build()
-    settle(project)
-    project.build()
+    build_settled(project)
     record = project.build()
     assert record.get("fast_path") == "changes" and project.ran(record) == {"stamp"}
     assert project.read("stamp.txt.log").count("once") == 3
@@ -393,9 +390,7 @@ def test_two_fast_path_builds_at_once_run_each_job_once(project):
             run: echo after >> runs.log; cp $in $out
     """)
     project.write("src.txt", "one\n")
-    project.build()
-    settle(project)
-    project.build()
+    build_settled(project)
     (project.root / "runs.log").unlink()
     project.write("src.txt", "two\n")
     both = [subprocess.Popen([sys.executable, "-m", "offbuild", "--json"], cwd=project.root, stdout=subprocess.PIPE,
@@ -418,9 +413,7 @@ def test_a_flaky_failure_then_a_revert_rebuilds_from_the_right_input(project):
             run: test ! -e fail.flag && cp $in $out
     """)
     project.write("src.txt", "one\n")
-    project.build()
-    settle(project)
-    project.build()
+    build_settled(project)
     project.write("src.txt", "two\n")
     project.write("fail.flag", "")
     project.run(check=1)
