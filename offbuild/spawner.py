@@ -68,6 +68,23 @@ class _Server:
         self.children: dict[int, int] = {}  # pid → request id
         self.cwd = os.getcwd()
         self.env: dict[str, str] = {}
+        self._programs: dict[tuple[str, str], str] = {}
+
+    def program(self, name: str) -> str:
+        """The file `name` runs, found on PATH once: `posix_spawnp` would try every PATH entry before
+        it for every recipe (a dozen failed `execve`s each with a long PATH)."""
+        search = self.env.get("PATH", os.defpath)
+        found = self._programs.get((name, search))
+        if found is None:
+            found = name
+            if "/" not in name:
+                for folder in search.split(os.pathsep):
+                    candidate = os.path.join(folder or ".", name)
+                    if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+                        found = os.path.abspath(candidate)
+                        break
+            self._programs[(name, search)] = found
+        return found
 
     def send(self, message: dict) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
@@ -86,7 +103,7 @@ class _Server:
                 self.cwd = request["cwd"]
             # posix_spawn (vfork) costs a fraction of subprocess's fork; every descriptor of this process
             # but 0-2 is close-on-exec (PEP 446), and 0-2 are replaced, so a recipe inherits none of ours.
-            pid = os.posix_spawnp(request["argv"][0], request["argv"], self.env, setsid=True,
+            pid = os.posix_spawn(self.program(request["argv"][0]), request["argv"], self.env, setsid=True,
                                   setsigdef=_DEFAULT_SIGNALS, file_actions=[
                                       (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                       (os.POSIX_SPAWN_OPEN, 1, request["log"], _LOG_FLAGS, 0o644),
