@@ -5,7 +5,8 @@ import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from queue import Empty, SimpleQueue
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,8 @@ class Outcome:
                                  for a in self.result.attempts]
             entry["duration"] = round(self.result.duration, 4)
             entry["exit_code"] = self.result.exit_code
-            entry["log"] = self.result.log_path
+            if os.path.exists(self.result.log_path):  # a recipe that printed nothing leaves no log
+                entry["log"] = self.result.log_path
             if self.result.worker is not None:
                 entry["worker"] = self.result.worker
         if self.seconds is not None:
@@ -100,9 +102,10 @@ class Builder:
         self._waiting = {name: sum(1 for dep in dependencies(name) if dep in needed) for name in self.order}
         self._ready = [name for name in self.order if self._waiting[name] == 0]
         self._running: dict[Future, tuple[str, str, Decision | None]] = {}  # future → (job, phase, decision)
+        self._completed: SimpleQueue[Future] = SimpleQueue()  # what `_running` holds, as each ends
         self._pools: Counter = Counter()
         self._stop = False
-        self._threads = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="recipe")
+        self._threads = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="wait")  # lock waits, cache restores
         # Stores have threads of their own, so uploading never holds up a recipe.
         self._store_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store") if self.cache else None
         try:
@@ -110,9 +113,12 @@ class Builder:
                 self._start_ready_jobs()
                 if not self._running:
                     break
-                done, _ = wait(self._running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    self._collect(future)
+                self._collect(self._completed.get())
+                try:
+                    while True:
+                        self._collect(self._completed.get_nowait())
+                except Empty:
+                    pass
                 self._reap_stores(block=False)
         except KeyboardInterrupt:
             self.result.status = "interrupted"
@@ -155,8 +161,8 @@ class Builder:
             if self.locks.try_acquire(name):
                 self._launch(name, decision)
             else:  # another offbuild runs this job now: wait for it, then look again
-                future = self._threads.submit(self.locks.acquire, name, self.executor.stopping)
-                self._running[future] = (name, "lock", decision)
+                self._track(self._threads.submit(self.locks.acquire, name, self.executor.stopping), name, "lock",
+                            decision)
 
     def _launch(self, name: str, decision: Decision) -> None:
         """With the job's lock held: re-check against the store, then restore from the cache (on a
@@ -185,7 +191,7 @@ class Builder:
             return
         if self.cache is not None and not self.planner.force and self.cache.why_not(job) is None:
             self._prepare_outputs(job, keep=False)
-            self._running[self._threads.submit(self._fetch, job, decision.key)] = (name, "restore", decision)
+            self._track(self._threads.submit(self._fetch, job, decision.key), name, "restore", decision)
             return
         self._start_recipe(name, decision)
 
@@ -196,7 +202,11 @@ class Builder:
         if resuming:
             self.resumed.add(name)
         self.reporter.job_started(name, job.recipe)
-        self._running[self._threads.submit(self.executor.run, job)] = (name, "run", decision)
+        self._track(self.executor.submit(job), name, "run", decision)
+
+    def _track(self, future: Future, name: str, phase: str, decision: Decision) -> None:
+        self._running[future] = (name, phase, decision)
+        future.add_done_callback(self._completed.put)
 
     def _collect(self, future: Future) -> None:
         name, phase, decision = self._running.pop(future)
@@ -357,7 +367,7 @@ class Builder:
                 self.hasher.forget(path)
         self.store.record_failure(outcome.name, self.run_id)
         result = outcome.result
-        log = f"log: {result.log_path}" if result else ""
+        log = f"log: {result.log_path}" if result and os.path.exists(result.log_path) else ""
         detail = "; ".join(part for part in (outcome.error, log) if part)
         self.reporter.job_finished(outcome.name, outcome.action, result.duration if result else 0.0,
                                    result.output() if result else "", detail)

@@ -13,14 +13,14 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import distributed
 from distributed.scheduler import KilledWorker
 
 from .errors import OffbuildError
-from .executor import (KILL_GRACE_SECONDS, Attempt, RecipeResult, checkpoint_path_for, log_path_for, recipe_env,
-                       run_with_retries)
+from .executor import (KILL_GRACE_SECONDS, Attempt, RecipeResult, append_to_log, checkpoint_path_for, log_path_for,
+                       recipe_env, run_with_retries)
 from .model import Job
 from .remote import CANNOT_START_EXIT_CODE, RecipeRunner, probe_isolation, run_attempt
 
@@ -53,6 +53,7 @@ class DaskExecutor:
         self._isolation: dict[str, str] = {}  # worker → "" when it isolated recipes, else why it could not
         self._warned = False
         self._workers_seen: tuple[float, dict] = (0.0, {})
+        self._waiters = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="dask-job")
         os.makedirs(self.log_dir, exist_ok=True)
         self.client = _connect(scheduler)
         try:
@@ -65,10 +66,14 @@ class DaskExecutor:
 
     # -- the Executor interface -------------------------------------------------------------
 
+    def submit(self, job: Job) -> Future[RecipeResult]:
+        """Run the recipe on the cluster, retrying as the stage allows; output goes to the job's log.
+        A thread waits for each (the Builder starts no more at once than `-j` allows)."""
+        return self._waiters.submit(self.run, job)
+
     def run(self, job: Job) -> RecipeResult:
-        """Run the recipe on the cluster, retrying as the stage allows; output goes to the job's log."""
-        return run_with_retries(job, log_path_for(self.log_dir, job.name),
-                                lambda number, log: self._attempt(job, number, log), self.stopping)
+        log_path = log_path_for(self.log_dir, job.name)
+        return run_with_retries(job, log_path, lambda number: self._attempt(job, number, log_path), self.stopping)
 
     def interrupt(self) -> None:
         """Tell every worker to stop this build's recipes (SIGTERM to their groups, SIGKILL after the grace)."""
@@ -107,6 +112,7 @@ class DaskExecutor:
         return status
 
     def close(self) -> None:
+        self._waiters.shutdown(wait=True)
         try:
             if self.stop_event.is_set():
                 self.stop_event.clear()  # the scheduler forgets it
@@ -116,7 +122,7 @@ class DaskExecutor:
 
     # -- one attempt ------------------------------------------------------------------------
 
-    def _attempt(self, job: Job, number: int, log) -> Attempt:
+    def _attempt(self, job: Job, number: int, log: str) -> Attempt:
         pool = job.stage.pool
         missing = self._unservable(pool)
         if missing:
@@ -127,9 +133,8 @@ class DaskExecutor:
                          self.checkpoint_path(job) if job.stage.checkpoint else None)
         isolate = not job.stage.network and self.offline != "off"
         request = {"argv": ["sh", "-e", "-c", job.recipe], "cwd": self.root, "env": env,
-                   "log": os.path.abspath(log.name), "isolate": isolate, "strict": self.offline == "strict",
+                   "log": os.path.abspath(log), "isolate": isolate, "strict": self.offline == "strict",
                    "timeout": job.stage.timeout, "grace": KILL_GRACE_SECONDS, "stop_event": self.stop_event.name}
-        log.flush()
         started = time.monotonic()
         if self.stopping.is_set():
             return Attempt(number, INTERRUPTED_EXIT_CODE, 0.0)
@@ -222,8 +227,7 @@ def _connect(scheduler: str) -> "distributed.Client":
                             f" ({error})") from None
 
 
-def _failed(number: int, code: int, error: str, log, duration: float = 0.0, worker: str | None = None) -> Attempt:
+def _failed(number: int, code: int, error: str, log: str, duration: float = 0.0, worker: str | None = None) -> Attempt:
     """An attempt that Dask could not run or finish; the reason goes to the log too."""
-    log.write(f"offbuild: {error}\n".encode())
-    log.flush()
+    append_to_log(log, f"offbuild: {error}\n")
     return Attempt(number, code, duration, worker=worker, error=error)

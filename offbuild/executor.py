@@ -14,9 +14,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 from urllib.parse import quote
 
 from .errors import OffbuildError
@@ -87,8 +88,8 @@ class Executor(Protocol):
     warn: Callable[[str], None]
     stopping: threading.Event
 
-    def run(self, job: Job) -> RecipeResult:
-        """Run the job's recipe with its retries; blocks until it ends."""
+    def submit(self, job: Job) -> Future[RecipeResult]:
+        """Start the job's recipe (with its retries); the future holds how it ended."""
 
     def interrupt(self) -> None:
         """Stop every running recipe; `run` calls return soon after, marked interrupted."""
@@ -109,28 +110,56 @@ class Executor(Protocol):
         """Release processes and connections."""
 
 
-def run_with_retries(job: Job, log_path: str, attempt: Callable[[int, BinaryIO], Attempt],
+def retry_delay(stage, attempt: Attempt, stopping: threading.Event) -> float | None:
+    """How long to wait before the next attempt (exponential backoff, ±10% jitter), or None when
+    this one is the last: it succeeded, the stage's retries are used up, its exit code is not one
+    of `retry-on`, or offbuild is stopping."""
+    if attempt.exit_code == 0 or stopping.is_set() or attempt.number > stage.retries:
+        return None
+    if stage.retry_on and attempt.exit_code not in stage.retry_on:
+        return None
+    return stage.backoff * (2 ** (attempt.number - 1)) * random.uniform(0.9, 1.1)
+
+
+def retry_note(attempt: Attempt, delay: float) -> str:
+    return f"offbuild: attempt {attempt.number} exited {attempt.exit_code}; retrying in {delay:.1f}s\n"
+
+
+def append_to_log(log_path: str, text: str) -> None:
+    """offbuild's own lines in a job's log (the recipe's output is appended by the spawner); a
+    log that cannot be written (its folder deleted meanwhile) must not stop the build."""
+    try:
+        with open(log_path, "ab") as log:
+            log.write(text.encode())
+    except OSError:
+        pass
+
+
+def discard_log(log_path: str) -> None:
+    """Before a job's first attempt: its log will hold this run's output only (and exists only if
+    there is some)."""
+    try:
+        os.unlink(log_path)
+    except FileNotFoundError:
+        pass
+
+
+def run_with_retries(job: Job, log_path: str, attempt: Callable[[int], Attempt],
                      stopping: threading.Event) -> RecipeResult:
-    """Truncate the job's log, then `attempt(number, log)` until one succeeds, the stage's
-    retries (exponential backoff with jitter; only `retry-on` codes) run out, or `stopping` is set."""
-    stage = job.stage
+    """Discard the job's log, then `attempt(number)` until `retry_delay` says it was the last;
+    blocks, so it suits executors whose attempts block (Dask)."""
     started = time.monotonic()
     attempts: list[Attempt] = []
-    with open(log_path, "ab") as log:  # appending: the recipe's output is appended by the spawner too
-        log.truncate(0)
-        for number in range(1, stage.retries + 2):
-            result = attempt(number, log)
-            attempts.append(result)
-            if result.exit_code == 0 or stopping.is_set():
-                break
-            if stage.retry_on and result.exit_code not in stage.retry_on:
-                break
-            if number <= stage.retries:
-                delay = stage.backoff * (2 ** (number - 1)) * random.uniform(0.9, 1.1)
-                log.write(f"offbuild: attempt {number} exited {result.exit_code}; retrying in {delay:.1f}s\n".encode())
-                log.flush()
-                if stopping.wait(delay):
-                    break
+    discard_log(log_path)
+    for number in range(1, job.stage.retries + 2):
+        result = attempt(number)
+        attempts.append(result)
+        delay = retry_delay(job.stage, result, stopping)
+        if delay is None:
+            break
+        append_to_log(log_path, retry_note(result, delay))
+        if stopping.wait(delay):
+            break
     last = attempts[-1]
     return RecipeResult(last.exit_code, time.monotonic() - started, log_path, attempts, stopping.is_set(),
                         worker=last.worker, error=last.error)
@@ -237,55 +266,176 @@ class LocalExecutor:
     def checkpoint_path(self, job: Job) -> str:
         return checkpoint_path_for(self.state_dir, job.name)
 
-    def run(self, job: Job) -> RecipeResult:
-        """Run the recipe, retrying as the stage allows; output goes to the job's log."""
-        return run_with_retries(job, log_path_for(self.log_dir, job.name),
-                                lambda number, log: self._attempt(job, number, log), self.stopping)
+    def submit(self, job: Job) -> Future[RecipeResult]:
+        """Start the job's recipe and return at once: no thread waits for it. The spawner's reader
+        thread completes the future when the last attempt ends; timeouts and retries use timers."""
+        run = _LocalRun(self, job)
+        run.begin()
+        return run.future
 
-    def _attempt(self, job: Job, number: int, log) -> Attempt:
-        if job.stage.checkpoint:
-            os.makedirs(self.checkpoint_dir, exist_ok=True)
-        env = recipe_env(self.environ, job, self.run_id, number,
-                         self.checkpoint_path(job) if job.stage.checkpoint else None)
-        started = time.monotonic()
-        spawner = self.spawner(isolate=not job.stage.network)
-        log.flush()
-        with self._lock:
-            if self.stopping.is_set():
-                return Attempt(number, 130, 0.0)
-            try:
-                process = spawner.spawn(["sh", "-e", "-c", job.recipe], self.root, env, os.path.abspath(log.name))
-            except SpawnerGone as error:
-                log.write(f"offbuild: cannot start the recipe: {error}\n".encode())
-                return Attempt(number, 127, 0.0)
-            self._running[job.name] = process
-        timed_out = False
-        try:
-            process.wait(timeout=job.stage.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            log.write(f"\noffbuild: timed out after {job.stage.timeout:g}s; stopping the recipe\n".encode())
-            log.flush()
-            terminate_group(process)
-        finally:
-            with self._lock:
-                self._running.pop(job.name, None)
-        return Attempt(number, exit_code_of(process.returncode, timed_out), time.monotonic() - started, timed_out)
+    def run(self, job: Job) -> RecipeResult:
+        """Run the recipe, retrying as the stage allows; blocks until it ends."""
+        return self.submit(job).result()
 
     def interrupt(self) -> None:
-        """Stop every running recipe's process group (SIGTERM, then SIGKILL after a grace)."""
+        """Stop every running recipe's process group (SIGTERM, then SIGKILL after a grace) and
+        every retry that is waiting for its turn."""
         self.stopping.set()
         with self._lock:
-            running = list(self._running.values())
-        threads = [threading.Thread(target=terminate_group, args=(process,)) for process in running]
+            runs = list(self._running.values())
+        threads = [threading.Thread(target=run.stop) for run in runs]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
 
 
+class _LocalRun:
+    """One job's recipe over its attempts, moved on by events (the spawner's exit messages,
+    timers) rather than by a thread of its own: a build of 10,000 short recipes would otherwise
+    spend as much on thread hand-offs as on the recipes.
+
+    `timer` is the running attempt's timeout, or the wait before the next attempt (`waiting`);
+    both are read and changed under the executor's lock, so an interrupt, a timer and an exit
+    racing each other end the run exactly once."""
+
+    def __init__(self, executor: LocalExecutor, job: Job):
+        self.executor = executor
+        self.job = job
+        self.log_path = log_path_for(executor.log_dir, job.name)
+        self.future: Future[RecipeResult] = Future()
+        self.attempts: list[Attempt] = []
+        self.started = time.monotonic()
+        self.number = 0
+        self.attempt_started = 0.0
+        self.process = None
+        self.timer: threading.Timer | None = None
+        self.waiting = False
+        self.timed_out = False
+
+    def begin(self) -> None:
+        discard_log(self.log_path)
+        self._start_attempt(1)
+
+    def _retry(self, number: int) -> None:
+        """On the retry timer's thread, unless `stop` ended the run first."""
+        with self.executor._lock:
+            if not self.waiting:
+                return
+            self.waiting = False
+        self._start_attempt(number)
+
+    def _start_attempt(self, number: int) -> None:
+        executor, job = self.executor, self.job
+        if job.stage.checkpoint:
+            os.makedirs(executor.checkpoint_dir, exist_ok=True)
+        env = recipe_env(executor.environ, job, executor.run_id, number,
+                         executor.checkpoint_path(job) if job.stage.checkpoint else None)
+        spawner = executor.spawner(isolate=not job.stage.network)
+        self.number, self.attempt_started, self.timed_out = number, time.monotonic(), False
+        with executor._lock:
+            stopping = executor.stopping.is_set()
+            if not stopping:
+                executor._running[job.name] = self
+        if stopping:
+            self._attempt_ended(Attempt(number, 130, 0.0))
+            return
+        try:  # not under the lock: writing to a busy spawner may block
+            process = spawner.start(["sh", "-e", "-c", job.recipe], executor.root, env,
+                                    os.path.abspath(self.log_path), self._exited)
+        except SpawnerGone as error:
+            append_to_log(self.log_path, f"offbuild: cannot start the recipe: {error}\n")
+            self._attempt_ended(Attempt(number, 127, 0.0, error=str(error)))
+            return
+        with executor._lock:
+            if process.returncode is None:  # else it has ended already, and `_exited` has run or will
+                self.process = process
+                if job.stage.timeout is not None:
+                    self.timer = _daemon_timer(job.stage.timeout, self._guarded, self._time_out)
+            missed_interrupt = executor.stopping.is_set()
+        if missed_interrupt:  # `interrupt` came while it was starting, and found no process to stop
+            terminate_group(process)
+
+    def _guarded(self, step, *args) -> None:
+        """Run `step` on the spawner's reader thread or a timer's: the Builder waits for this run's
+        future, so a bug must reach it there rather than leave it waiting for ever."""
+        try:
+            step(*args)
+        except BaseException as bug:
+            if not self.future.done():
+                self.future.set_exception(bug)
+            raise
+
+    def _exited(self, code: int, error: str) -> None:
+        """On the spawner's reader thread: the attempt ended (or could not start: `error`)."""
+        self._guarded(self._attempt_exited, code, error)
+
+    def _attempt_exited(self, code: int, error: str) -> None:
+        with self.executor._lock:
+            timer, self.timer = self.timer, None
+            timed_out = self.timed_out
+            self.process = None  # dead: `stop` must not signal its group (its pid may be reused)
+        if timer is not None:
+            timer.cancel()
+        if error:
+            append_to_log(self.log_path, f"offbuild: cannot start the recipe: {error}\n")
+        self._attempt_ended(Attempt(self.number, exit_code_of(code, timed_out),
+                                    time.monotonic() - self.attempt_started, timed_out, error=error))
+
+    def _attempt_ended(self, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+        executor = self.executor
+        delay = retry_delay(self.job.stage, attempt, executor.stopping)
+        if delay is not None:
+            append_to_log(self.log_path, retry_note(attempt, delay))
+        with executor._lock:
+            if delay is not None and not executor.stopping.is_set():
+                self.waiting = True
+                self.timer = _daemon_timer(delay, self._guarded, self._retry, self.number + 1)
+                return
+            executor._running.pop(self.job.name, None)
+        self._finish()
+
+    def _finish(self) -> None:
+        last = self.attempts[-1]
+        self.future.set_result(RecipeResult(last.exit_code, time.monotonic() - self.started, self.log_path,
+                                            self.attempts, self.executor.stopping.is_set(), error=last.error))
+
+    def _time_out(self) -> None:
+        """On the timeout's own thread: stop the attempt's whole process group."""
+        with self.executor._lock:
+            if self.timer is not threading.current_thread():  # the attempt ended meanwhile
+                return
+            self.timed_out = True
+            process = self.process
+        append_to_log(self.log_path, f"\noffbuild: timed out after {self.job.stage.timeout:g}s; stopping the recipe\n")
+        terminate_group(process)
+
+    def stop(self) -> None:
+        """For `interrupt`: end the running attempt, or the wait for the next one."""
+        with self.executor._lock:
+            waiting, self.waiting = self.waiting, False
+            if waiting:
+                self.executor._running.pop(self.job.name, None)
+                self.timer.cancel()
+            process = self.process
+        if waiting:
+            self._finish()
+        elif process is not None:
+            terminate_group(process)
+
+
+def _daemon_timer(seconds: float, function, *args) -> threading.Timer:
+    timer = threading.Timer(seconds, function, args)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def terminate_group(process, grace: float = KILL_GRACE_SECONDS) -> None:
     """SIGTERM the whole group, SIGKILL it if still alive after the grace period."""
+    if not process.wait_started():
+        return  # it never started
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
         try:
             os.killpg(process.pid, sig)

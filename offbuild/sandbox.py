@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import threading
+import traceback
+from collections.abc import Callable
 
 
 class SpawnerGone(Exception):
@@ -13,16 +15,37 @@ class SpawnerGone(Exception):
 
 
 class RemoteProcess:
-    """A recipe started by the spawner, with the part of `Popen`'s interface the executor uses."""
+    """A recipe started by the spawner, with the part of `Popen`'s interface the executor uses.
 
-    def __init__(self, pid: int):
-        self.pid = pid
+    Its `pid` is known once the spawner has answered (`wait_started`); `on_exit(code, error)` is
+    called on the spawner's reader thread when it ends, or could not start (code 127 and why)."""
+
+    def __init__(self, on_exit: Callable[[int, str], None] | None = None):
+        self.pid: int | None = None
         self.returncode: int | None = None
+        self.error = ""
+        self._on_exit = on_exit
+        self._started = threading.Event()
         self._done = threading.Event()
 
-    def _exited(self, code: int) -> None:
-        self.returncode = code
+    def _began(self, pid: int) -> None:
+        self.pid = pid
+        self._started.set()
+
+    def _exited(self, code: int, error: str = "") -> None:
+        self.returncode, self.error = code, error
+        self._started.set()
         self._done.set()
+        if self._on_exit is not None:
+            try:
+                self._on_exit(code, error)
+            except Exception:  # a bug in the callback: the reader thread must go on for the other recipes
+                traceback.print_exc()
+
+    def wait_started(self) -> bool:
+        """Wait for the spawner's answer; whether the recipe started (it may have ended since)."""
+        self._started.wait()
+        return self.pid is not None
 
     def wait(self, timeout: float | None = None) -> int:
         if not self._done.wait(timeout):
@@ -43,23 +66,23 @@ class Spawner:
         self.reason: str = ready.get("reason", "")
         self._lock = threading.Lock()
         self._next_id = 0
-        self._starting: dict[int, tuple[threading.Event, list]] = {}
-        self._running: dict[int, RemoteProcess] = {}
+        self._running: dict[int, RemoteProcess] = {}  # request id → process, until it exits
         self._env_sent: dict[str, str] | None = None  # the environment the spawner holds now
         self._alive = True
         self._reader = threading.Thread(target=self._read, name="spawner-reader", daemon=True)
         self._reader.start()
 
-    def spawn(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str) -> RemoteProcess:
-        """Start a recipe in its own session, output appended to `log_path`."""
-        started = threading.Event()
-        answer: list = []
+    def start(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str,
+              on_exit: Callable[[int, str], None] | None = None) -> RemoteProcess:
+        """Ask for a recipe to start in its own session, its output appended to `log_path`; returns at
+        once (no round trip: recipes start while offbuild goes on). Raises SpawnerGone."""
+        process = RemoteProcess(on_exit)
         with self._lock:
             if not self._alive:
                 raise SpawnerGone("the recipe spawner has exited")
             request_id = self._next_id
             self._next_id += 1
-            self._starting[request_id] = (started, answer)
+            self._running[request_id] = process
             message = {"op": "spawn", "id": request_id, "argv": argv, "cwd": cwd, "log": log_path}
             # Recipes' environments differ in a few OFFBUILD_* values: send the whole of it once, then
             # only what changed (the spawner applies each request's changes in order).
@@ -76,34 +99,37 @@ class Spawner:
                 self.process.stdin.write((json.dumps(message) + "\n").encode())
                 self.process.stdin.flush()
             except (BrokenPipeError, OSError):
+                del self._running[request_id]
                 raise SpawnerGone("the recipe spawner has exited") from None
-        started.wait()
-        if not answer or isinstance(answer[0], str):
-            raise SpawnerGone(answer[0] if answer else "the recipe spawner has exited")
-        return answer[0]
+        return process
+
+    def spawn(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str) -> RemoteProcess:
+        """Start a recipe and wait until it has started (its pid is known)."""
+        process = self.start(argv, cwd, env, log_path)
+        if not process.wait_started():
+            raise SpawnerGone(process.error or "the recipe spawner has exited")
+        return process
 
     def _read(self) -> None:
         for line in self.process.stdout:
             message = json.loads(line)
+            op = message["op"]
+            if op == "started":
+                with self._lock:
+                    process = self._running[message["id"]]
+                process._began(message["pid"])
+                continue
             with self._lock:
-                if message["op"] == "started":
-                    process = RemoteProcess(message["pid"])
-                    self._running[message["id"]] = process
-                    event, answer = self._starting.pop(message["id"])
-                    answer.append(process)
-                    event.set()
-                elif message["op"] == "error":
-                    event, answer = self._starting.pop(message["id"])
-                    answer.append(message["message"])
-                    event.set()
-                elif message["op"] == "exit":
-                    self._running.pop(message["id"])._exited(message["code"])
+                process = self._running.pop(message["id"])
+            if op == "exit":
+                process._exited(message["code"])
+            elif op == "error":
+                process._exited(127, message["message"])
         with self._lock:  # the spawner died: nothing it started will report again
             self._alive = False
-            for event, _ in self._starting.values():
-                event.set()
-            for process in self._running.values():
-                process._exited(255)
+            orphans, self._running = list(self._running.values()), {}
+        for process in orphans:
+            process._exited(255, "the recipe spawner has exited")
 
     def close(self) -> None:
         try:

@@ -5,6 +5,11 @@ JSON lines; every recipe it starts inherits its namespace, so isolation costs on
 per run instead of one per recipe. When offbuild dies the spawner's stdin closes and it kills
 every recipe it started: no recipe outlives a crashed build.
 
+A recipe's output (stdout and stderr) goes through a pipe to the spawner, which writes it to the
+recipe's log, appending, as it arrives; the log is created at the first byte, so a recipe that
+prints nothing leaves no file behind (a big pipeline would otherwise make one empty file per job).
+Before reporting an exit the spawner writes out what is left in the pipe.
+
 Protocol (one JSON object per line):
   spawner → offbuild  {"op": "ready", "isolated": bool, "reason": str}
   offbuild → spawner  {"op": "spawn", "id": N, "argv": [...], "cwd": str, "log": path,
@@ -28,7 +33,7 @@ import sys
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
-_LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+_LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 # Python ignores SIGPIPE and this process ignores SIGINT; a recipe starts with neither ignored
 # (`yes | head` must end), as subprocess's restore_signals would do.
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGXFSZ)
@@ -65,7 +70,10 @@ def isolate_network() -> str:
 
 class _Server:
     def __init__(self):
-        self.children: dict[int, int] = {}  # pid → request id
+        self.children: dict[int, tuple[int, int]] = {}  # pid → (request id, its output pipe)
+        self.outputs: dict[int, list] = {}  # output pipe → [log path, log fd or None]
+        self.poller = select.poll()
+        self.outbox: list[str] = []  # messages for offbuild, sent together once per wake-up
         self.cwd = os.getcwd()
         self.env: dict[str, str] = {}
         self._programs: dict[tuple[str, str], str] = {}
@@ -87,8 +95,13 @@ class _Server:
         return found
 
     def send(self, message: dict) -> None:
-        sys.stdout.write(json.dumps(message) + "\n")
-        sys.stdout.flush()
+        self.outbox.append(json.dumps(message))
+
+    def flush(self) -> None:
+        if self.outbox:
+            sys.stdout.write("\n".join(self.outbox) + "\n")
+            sys.stdout.flush()
+            self.outbox.clear()
 
     def spawn(self, request: dict) -> None:
         if "env" in request:
@@ -97,22 +110,54 @@ class _Server:
             self.env.update(request["env_set"])
             for name in request["env_unset"]:
                 self.env.pop(name, None)
+        # Both ends are close-on-exec (PEP 446, like every descriptor of this process): a recipe gets
+        # the write end only as its stdout and stderr, so another recipe never holds it open.
+        output, output_writer = os.pipe()
         try:
             if request["cwd"] != self.cwd:  # posix_spawn has no chdir of its own here
                 os.chdir(request["cwd"])
                 self.cwd = request["cwd"]
-            # posix_spawn (vfork) costs a fraction of subprocess's fork; every descriptor of this process
-            # but 0-2 is close-on-exec (PEP 446), and 0-2 are replaced, so a recipe inherits none of ours.
+            # posix_spawn (vfork) costs a fraction of subprocess's fork.
             pid = os.posix_spawn(self.program(request["argv"][0]), request["argv"], self.env, setsid=True,
                                   setsigdef=_DEFAULT_SIGNALS, file_actions=[
                                       (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                                      (os.POSIX_SPAWN_OPEN, 1, request["log"], _LOG_FLAGS, 0o644),
-                                      (os.POSIX_SPAWN_DUP2, 1, 2)])
+                                      (os.POSIX_SPAWN_DUP2, output_writer, 1),
+                                      (os.POSIX_SPAWN_DUP2, output_writer, 2)])
         except OSError as error:
+            os.close(output)
             self.send({"op": "error", "id": request["id"], "message": str(error)})
             return
-        self.children[pid] = request["id"]
+        finally:
+            os.close(output_writer)
+        os.set_blocking(output, False)
+        self.outputs[output] = [request["log"], None]
+        self.poller.register(output, select.POLLIN)
+        self.children[pid] = (request["id"], output)
         self.send({"op": "started", "id": request["id"], "pid": pid})
+
+    def copy_output(self, output: int, most: int = 1 << 24) -> None:
+        """Append what the pipe holds (up to `most` bytes) to its log; at its end, close both."""
+        target = self.outputs[output]
+        copied = 0
+        while copied < most:
+            try:
+                data = os.read(output, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                self.poller.unregister(output)
+                os.close(output)
+                if target[1] is not None:
+                    os.close(target[1])
+                del self.outputs[output]
+                return
+            copied += len(data)
+            if target[1] is None:
+                try:
+                    target[1] = os.open(target[0], _LOG_FLAGS, 0o644)
+                except OSError:  # the log folder went away: the output has nowhere to go
+                    continue
+            os.write(target[1], data)
 
     def reap(self) -> None:
         while self.children:
@@ -122,8 +167,10 @@ class _Server:
                 return
             if pid == 0:
                 return
-            request_id = self.children.pop(pid, None)
+            request_id, output = self.children.pop(pid, (None, None))
             if request_id is not None:
+                if output in self.outputs:  # so the log is whole when offbuild reads it
+                    self.copy_output(output)
                 self.send({"op": "exit", "id": request_id, "code": os.waitstatus_to_exitcode(status)})
 
     def kill_all(self) -> None:
@@ -137,32 +184,38 @@ class _Server:
     def serve(self) -> None:
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_write, False)
+        os.set_blocking(wake_read, False)
         signal.set_wakeup_fd(wake_write)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        stdin = sys.stdin.buffer
+        stdin = sys.stdin.buffer.fileno()
+        self.poller.register(stdin, select.POLLIN)
+        self.poller.register(wake_read, select.POLLIN)
         pending = b""
         while True:
             try:
-                readable, _, _ = select.select([stdin, wake_read], [], [])
+                events = self.poller.poll()
             except InterruptedError:
                 continue
-            if wake_read in readable:
-                try:
-                    os.read(wake_read, 4096)
-                except BlockingIOError:
-                    pass
-                self.reap()
-            if stdin in readable:
-                chunk = os.read(stdin.fileno(), 65536)
-                if not chunk:
-                    self.kill_all()
-                    return
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        self.spawn(json.loads(line))
-                self.reap()
+            for fd, _ in events:
+                if fd == wake_read:
+                    try:
+                        os.read(wake_read, 4096)
+                    except BlockingIOError:
+                        pass
+                elif fd == stdin:
+                    chunk = os.read(stdin, 65536)
+                    if not chunk:
+                        self.kill_all()
+                        return
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            self.spawn(json.loads(line))
+                elif fd in self.outputs:
+                    self.copy_output(fd)
+            self.reap()
+            self.flush()
 
 
 def main() -> None:
@@ -171,6 +224,7 @@ def main() -> None:
     server = _Server()
     try:
         server.send({"op": "ready", "isolated": not reason, "reason": reason})
+        server.flush()
         server.serve()
     except (BrokenPipeError, KeyboardInterrupt):
         server.kill_all()

@@ -301,7 +301,33 @@ def test_run_record_fields_and_json_flag(project):
     job = saved["jobs"][0]
     for field in ("stage", "action", "reasons", "attempts", "duration", "exit_code", "key"):
         assert field in job
-    assert (project.root / ".offbuild/logs/first.log").exists()
+    assert "log" not in job and not (project.root / ".offbuild/logs/first.log").exists(), "it printed nothing"
+
+
+def test_a_log_holds_the_last_runs_output_and_exists_only_when_there_was_some(project):
+    project.pipefile("""
+        stage talk:
+            in:  src.txt
+            out: out.txt
+            run:
+                echo "said $$(cat $in)"
+                echo "warned" >&2
+                cp $in $out
+    """)
+    project.write("src.txt", "hello\n")
+    first = project.build()
+    log = project.root / ".offbuild/logs/talk.log"
+    assert first["jobs"][0]["log"] == ".offbuild/logs/talk.log"
+    assert log.read_text() == "said hello\nwarned\n"
+    project.pipefile("""
+        stage talk:
+            in:  src.txt
+            out: out.txt
+            run: cp $in $out
+    """)
+    second = project.build()
+    assert project.ran(second) == {"talk"} and "log" not in second["jobs"][0]
+    assert not log.exists(), "an old log must not pass for this run's output"
 
 
 def test_noop_reads_no_file_contents(project):

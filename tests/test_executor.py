@@ -90,6 +90,6 @@ def test_the_spawner_gives_each_recipe_exactly_its_environment(tmp_path):
             process = spawner.spawn(["sh", "-c", "env | grep -E '^(A|B|C)=' | sort"], str(tmp_path), env, str(log))
             assert process.wait(timeout=10) == 0
             expected = sorted(f"{name}={value}" for name, value in env.items() if name in "ABC")
-            assert log.read_text().split() == expected
+            assert (log.read_text() if log.exists() else "").split() == expected  # no output: no log
     finally:
         spawner.close()
