@@ -165,13 +165,17 @@ def run_with_retries(job: Job, log_path: str, attempt: Callable[[int], Attempt],
                         worker=last.worker, error=last.error)
 
 
+def recipe_variables(job: Job, run_id: str, number: int, checkpoint: str | None) -> dict[str, str]:
+    """The OFFBUILD_* variables of one attempt (the rest of its environment is offbuild's own)."""
+    variables = {"OFFBUILD_STAGE": job.name, "OFFBUILD_RUN_ID": run_id, "OFFBUILD_ATTEMPT": str(number)}
+    if checkpoint is not None:
+        variables["OFFBUILD_CHECKPOINT"] = os.path.abspath(checkpoint)
+    return variables
+
+
 def recipe_env(environ: dict[str, str], job: Job, run_id: str, number: int, checkpoint: str | None) -> dict[str, str]:
     """The environment of one attempt: offbuild's own plus the OFFBUILD_* variables."""
-    env = dict(environ)
-    env.update(OFFBUILD_STAGE=job.name, OFFBUILD_RUN_ID=run_id, OFFBUILD_ATTEMPT=str(number))
-    if checkpoint is not None:
-        env["OFFBUILD_CHECKPOINT"] = os.path.abspath(checkpoint)
-    return env
+    return {**environ, **recipe_variables(job, run_id, number, checkpoint)}
 
 
 def exit_code_of(returncode: int, timed_out: bool) -> int:
@@ -279,15 +283,12 @@ class LocalExecutor:
 
     def interrupt(self) -> None:
         """Stop every running recipe's process group (SIGTERM, then SIGKILL after a grace) and
-        every retry that is waiting for its turn."""
+        every retry that is waiting for its turn; their futures complete as they end."""
         self.stopping.set()
         with self._lock:
             runs = list(self._running.values())
-        threads = [threading.Thread(target=run.stop) for run in runs]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        for run in runs:
+            run.stop()
 
 
 class _LocalRun:
@@ -329,8 +330,8 @@ class _LocalRun:
         executor, job = self.executor, self.job
         if job.stage.checkpoint:
             os.makedirs(executor.checkpoint_dir, exist_ok=True)
-        env = recipe_env(executor.environ, job, executor.run_id, number,
-                         executor.checkpoint_path(job) if job.stage.checkpoint else None)
+        variables = recipe_variables(job, executor.run_id, number,
+                                     executor.checkpoint_path(job) if job.stage.checkpoint else None)
         spawner = executor.spawner(isolate=not job.stage.network)
         self.number, self.attempt_started, self.timed_out = number, time.monotonic(), False
         with executor._lock:
@@ -341,8 +342,8 @@ class _LocalRun:
             self._attempt_ended(Attempt(number, 130, 0.0))
             return
         try:  # not under the lock: writing to a busy spawner may block
-            process = spawner.start(["sh", "-e", "-c", job.recipe], executor.root, env,
-                                    os.path.abspath(self.log_path), self._exited)
+            process = spawner.start(["sh", "-e", "-c", job.recipe], executor.root, executor.environ,
+                                    os.path.abspath(self.log_path), self._exited, variables)
         except SpawnerGone as error:
             append_to_log(self.log_path, f"offbuild: cannot start the recipe: {error}\n")
             self._attempt_ended(Attempt(number, 127, 0.0, error=str(error)))
@@ -354,7 +355,7 @@ class _LocalRun:
                     self.timer = _daemon_timer(job.stage.timeout, self._guarded, self._time_out)
             missed_interrupt = executor.stopping.is_set()
         if missed_interrupt:  # `interrupt` came while it was starting, and found no process to stop
-            terminate_group(process)
+            process.stop(KILL_GRACE_SECONDS)
 
     def _guarded(self, step, *args) -> None:
         """Run `step` on the spawner's reader thread or a timer's: the Builder waits for this run's
@@ -374,7 +375,6 @@ class _LocalRun:
         with self.executor._lock:
             timer, self.timer = self.timer, None
             timed_out = self.timed_out
-            self.process = None  # dead: `stop` must not signal its group (its pid may be reused)
         if timer is not None:
             timer.cancel()
         if error:
@@ -409,7 +409,7 @@ class _LocalRun:
             self.timed_out = True
             process = self.process
         append_to_log(self.log_path, f"\noffbuild: timed out after {self.job.stage.timeout:g}s; stopping the recipe\n")
-        terminate_group(process)
+        process.stop(KILL_GRACE_SECONDS)
 
     def stop(self) -> None:
         """For `interrupt`: end the running attempt, or the wait for the next one."""
@@ -422,7 +422,7 @@ class _LocalRun:
         if waiting:
             self._finish()
         elif process is not None:
-            terminate_group(process)
+            process.stop(KILL_GRACE_SECONDS)
 
 
 def _daemon_timer(seconds: float, function, *args) -> threading.Timer:
@@ -430,23 +430,3 @@ def _daemon_timer(seconds: float, function, *args) -> threading.Timer:
     timer.daemon = True
     timer.start()
     return timer
-
-
-def terminate_group(process, grace: float = KILL_GRACE_SECONDS) -> None:
-    """SIGTERM the whole group, SIGKILL it if still alive after the grace period."""
-    if not process.wait_started():
-        return  # it never started
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            # The leader is gone; make sure nothing it left behind in the group survives.
-            os.killpg(process.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return

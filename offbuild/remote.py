@@ -17,7 +17,7 @@ import time
 from distributed import Event, WorkerPlugin, get_worker
 from distributed.worker import thread_state
 
-from .executor import KILL_GRACE_SECONDS, exit_code_of, terminate_group
+from .executor import KILL_GRACE_SECONDS, exit_code_of
 from .sandbox import Spawner, SpawnerGone
 
 PLUGIN_NAME = "offbuild-recipes"
@@ -80,8 +80,8 @@ def run_attempt(request: dict) -> dict:
                                f" ({spawner.reason})")
             return answer
     try:
-        process = spawner.spawn(request["argv"], request["cwd"], {**request["env"], "OFFBUILD_WORKER": name},
-                                request["log"])
+        process = spawner.start(request["argv"], request["cwd"], request["env"], request["log"],
+                                extra={"OFFBUILD_WORKER": name})
     except SpawnerGone as error:
         answer["error"] = f"cannot start the recipe on Dask worker {name}: {error}"
         return answer
@@ -89,7 +89,11 @@ def run_attempt(request: dict) -> dict:
     if ending == "timed out":
         _append(request["log"], f"\noffbuild: timed out after {request['timeout']:g}s; stopping the recipe\n")
     if ending != "exited":
-        terminate_group(process, request.get("grace", KILL_GRACE_SECONDS))
+        process.stop(request.get("grace", KILL_GRACE_SECONDS))
+        process.wait()
+    if process.error:
+        answer["error"] = f"cannot start the recipe on Dask worker {name}: {process.error}"
+        return answer
     answer.update(exit_code=exit_code_of(process.returncode, ending == "timed out"), timed_out=ending == "timed out",
                   stopped=ending in ("stopped", "cancelled"))
     return answer

@@ -15,26 +15,19 @@ class SpawnerGone(Exception):
 
 
 class RemoteProcess:
-    """A recipe started by the spawner, with the part of `Popen`'s interface the executor uses.
+    """A recipe started by the spawner: `stop` it, `wait` for it. `on_exit(code, error)` is called on
+    the spawner's reader thread when it ends, or could not start (code 127 and why)."""
 
-    Its `pid` is known once the spawner has answered (`wait_started`); `on_exit(code, error)` is
-    called on the spawner's reader thread when it ends, or could not start (code 127 and why)."""
-
-    def __init__(self, on_exit: Callable[[int, str], None] | None = None):
-        self.pid: int | None = None
+    def __init__(self, spawner: Spawner, request_id: int, on_exit: Callable[[int, str], None] | None = None):
         self.returncode: int | None = None
         self.error = ""
+        self._spawner = spawner
+        self._id = request_id
         self._on_exit = on_exit
-        self._started = threading.Event()
         self._done = threading.Event()
-
-    def _began(self, pid: int) -> None:
-        self.pid = pid
-        self._started.set()
 
     def _exited(self, code: int, error: str = "") -> None:
         self.returncode, self.error = code, error
-        self._started.set()
         self._done.set()
         if self._on_exit is not None:
             try:
@@ -42,10 +35,11 @@ class RemoteProcess:
             except Exception:  # a bug in the callback: the reader thread must go on for the other recipes
                 traceback.print_exc()
 
-    def wait_started(self) -> bool:
-        """Wait for the spawner's answer; whether the recipe started (it may have ended since)."""
-        self._started.wait()
-        return self.pid is not None
+    def stop(self, grace: float) -> None:
+        """SIGTERM the recipe's process group, SIGKILL it `grace` seconds later if it has not ended
+        (and at once whatever it leaves behind when it does). Returns at once."""
+        if self.returncode is None:
+            self._spawner._send({"op": "stop", "id": self._id, "grace": grace})
 
     def wait(self, timeout: float | None = None) -> int:
         if not self._done.wait(timeout):
@@ -67,63 +61,57 @@ class Spawner:
         self._lock = threading.Lock()
         self._next_id = 0
         self._running: dict[int, RemoteProcess] = {}  # request id → process, until it exits
-        self._env_sent: dict[str, str] | None = None  # the environment the spawner holds now
+        self._env_sent: dict[str, str] | None = None  # the base environment the spawner holds now
         self._alive = True
         self._reader = threading.Thread(target=self._read, name="spawner-reader", daemon=True)
         self._reader.start()
 
     def start(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str,
-              on_exit: Callable[[int, str], None] | None = None) -> RemoteProcess:
-        """Ask for a recipe to start in its own session, its output appended to `log_path`; returns at
-        once (no round trip: recipes start while offbuild goes on). Raises SpawnerGone."""
-        process = RemoteProcess(on_exit)
+              on_exit: Callable[[int, str], None] | None = None, extra: dict[str, str] | None = None) -> RemoteProcess:
+        """Ask for a recipe to start in its own session with `env` plus `extra`, its output appended
+        to `log_path`. Returns at once: no round trip, recipes start while offbuild goes on. Raises
+        SpawnerGone."""
         with self._lock:
             if not self._alive:
                 raise SpawnerGone("the recipe spawner has exited")
             request_id = self._next_id
             self._next_id += 1
-            self._running[request_id] = process
-            message = {"op": "spawn", "id": request_id, "argv": argv, "cwd": cwd, "log": log_path}
-            # Recipes' environments differ in a few OFFBUILD_* values: send the whole of it once, then
-            # only what changed (the spawner applies each request's changes in order).
-            if self._env_sent is None:
+            process = self._running[request_id] = RemoteProcess(self, request_id, on_exit)
+            message = {"op": "spawn", "id": request_id, "argv": argv, "cwd": cwd, "log": log_path,
+                       "extra": extra or {}}
+            # Recipes share one environment but for their OFFBUILD_* values (`extra`): it goes once.
+            if env != self._env_sent:
                 message["env"] = self._env_sent = dict(env)
-            else:
-                sent = self._env_sent
-                message["env_set"] = {name: value for name, value in env.items() if sent.get(name) != value}
-                message["env_unset"] = [name for name in sent if name not in env]
-                sent.update(message["env_set"])
-                for name in message["env_unset"]:
-                    del sent[name]
             try:
-                self.process.stdin.write((json.dumps(message) + "\n").encode())
-                self.process.stdin.flush()
-            except (BrokenPipeError, OSError):
+                self._write(message)
+            except SpawnerGone:
                 del self._running[request_id]
-                raise SpawnerGone("the recipe spawner has exited") from None
+                raise
         return process
 
-    def spawn(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str) -> RemoteProcess:
-        """Start a recipe and wait until it has started (its pid is known)."""
-        process = self.start(argv, cwd, env, log_path)
-        if not process.wait_started():
-            raise SpawnerGone(process.error or "the recipe spawner has exited")
-        return process
+    def _send(self, message: dict) -> None:
+        with self._lock:
+            if self._alive:
+                try:
+                    self._write(message)
+                except SpawnerGone:
+                    pass
+
+    def _write(self, message: dict) -> None:
+        try:
+            self.process.stdin.write((json.dumps(message) + "\n").encode())
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise SpawnerGone("the recipe spawner has exited") from None
 
     def _read(self) -> None:
         for line in self.process.stdout:
             message = json.loads(line)
-            op = message["op"]
-            if op == "started":
-                with self._lock:
-                    process = self._running[message["id"]]
-                process._began(message["pid"])
-                continue
             with self._lock:
                 process = self._running.pop(message["id"])
-            if op == "exit":
+            if message["op"] == "exit":
                 process._exited(message["code"])
-            elif op == "error":
+            else:  # "error": it could not start
                 process._exited(127, message["message"])
         with self._lock:  # the spawner died: nothing it started will report again
             self._alive = False

@@ -10,25 +10,32 @@ recipe's log, appending, as it arrives; the log is created at the first byte, so
 prints nothing leaves no file behind (a big pipeline would otherwise make one empty file per job).
 Before reporting an exit the spawner writes out what is left in the pipe.
 
+Stopping a recipe is the spawner's job too: it alone knows whether the recipe's process still
+exists, so a signal never reaches a reused pid.
+
 Protocol (one JSON object per line):
   spawner → offbuild  {"op": "ready", "isolated": bool, "reason": str}
   offbuild → spawner  {"op": "spawn", "id": N, "argv": [...], "cwd": str, "log": path,
-                       "env": {...} (the whole environment, first) or "env_set": {...}, "env_unset": [...]
-                       (changes to the previous request's environment)}
-  spawner → offbuild  {"op": "started", "id": N, "pid": P} | {"op": "exit", "id": N, "code": C}
-                      | {"op": "error", "id": N, "message": str}
+                       "env": {...} (the base environment: the first time, and when it changes),
+                       "extra": {...} (this recipe's own variables, on top of the base)}
+                      {"op": "stop", "id": N, "grace": seconds}: SIGTERM to the recipe's process group,
+                       SIGKILL after the grace if the recipe has not ended, and at once to whatever it
+                       leaves behind in its group when it does
+  spawner → offbuild  {"op": "exit", "id": N, "code": C} | {"op": "error", "id": N, "message": str}
 """
 from __future__ import annotations
 
 import ctypes
 import fcntl
 import json
+import math
 import os
 import select
 import signal
 import socket
 import struct
 import sys
+import time
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -71,6 +78,8 @@ def isolate_network() -> str:
 class _Server:
     def __init__(self):
         self.children: dict[int, tuple[int, int]] = {}  # pid → (request id, its output pipe)
+        self.pids: dict[int, int] = {}  # request id → pid, while the recipe runs
+        self.stopping: dict[int, float] = {}  # pid → when it gets SIGKILL (inf: it has had it)
         self.outputs: dict[int, list] = {}  # output pipe → [log path, log fd or None]
         self.poller = select.poll()
         self.outbox: list[str] = []  # messages for offbuild, sent together once per wake-up
@@ -103,13 +112,15 @@ class _Server:
             sys.stdout.flush()
             self.outbox.clear()
 
+    def handle(self, request: dict) -> None:
+        if request["op"] == "spawn":
+            self.spawn(request)
+        elif request["op"] == "stop":
+            self.stop(request["id"], request["grace"])
+
     def spawn(self, request: dict) -> None:
         if "env" in request:
             self.env = request["env"]
-        else:
-            self.env.update(request["env_set"])
-            for name in request["env_unset"]:
-                self.env.pop(name, None)
         # Both ends are close-on-exec (PEP 446, like every descriptor of this process): a recipe gets
         # the write end only as its stdout and stderr, so another recipe never holds it open.
         output, output_writer = os.pipe()
@@ -118,11 +129,11 @@ class _Server:
                 os.chdir(request["cwd"])
                 self.cwd = request["cwd"]
             # posix_spawn (vfork) costs a fraction of subprocess's fork.
-            pid = os.posix_spawn(self.program(request["argv"][0]), request["argv"], self.env, setsid=True,
-                                  setsigdef=_DEFAULT_SIGNALS, file_actions=[
-                                      (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                                      (os.POSIX_SPAWN_DUP2, output_writer, 1),
-                                      (os.POSIX_SPAWN_DUP2, output_writer, 2)])
+            pid = os.posix_spawn(self.program(request["argv"][0]), request["argv"], {**self.env, **request["extra"]},
+                                 setsid=True, setsigdef=_DEFAULT_SIGNALS, file_actions=[
+                                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                     (os.POSIX_SPAWN_DUP2, output_writer, 1),
+                                     (os.POSIX_SPAWN_DUP2, output_writer, 2)])
         except OSError as error:
             os.close(output)
             self.send({"op": "error", "id": request["id"], "message": str(error)})
@@ -133,7 +144,26 @@ class _Server:
         self.outputs[output] = [request["log"], None]
         self.poller.register(output, select.POLLIN)
         self.children[pid] = (request["id"], output)
-        self.send({"op": "started", "id": request["id"], "pid": pid})
+        self.pids[request["id"]] = pid
+
+    def stop(self, request_id: int, grace: float) -> None:
+        pid = self.pids.get(request_id)
+        if pid is None or pid in self.stopping:  # it has ended, or is being stopped already
+            return
+        _signal_group(pid, signal.SIGTERM)
+        self.stopping[pid] = time.monotonic() + grace
+
+    def kill_late(self) -> float | None:
+        """SIGKILL the groups whose grace is over; milliseconds until the next one's, if any."""
+        now = time.monotonic()
+        pending = []
+        for pid, deadline in self.stopping.items():
+            if deadline <= now:
+                _signal_group(pid, signal.SIGKILL)
+                self.stopping[pid] = math.inf
+            elif deadline != math.inf:
+                pending.append(deadline)
+        return max(0.0, (min(pending) - now) * 1000) if pending else None
 
     def copy_output(self, output: int, most: int = 1 << 24) -> None:
         """Append what the pipe holds (up to `most` bytes) to its log; at its end, close both."""
@@ -168,18 +198,19 @@ class _Server:
             if pid == 0:
                 return
             request_id, output = self.children.pop(pid, (None, None))
-            if request_id is not None:
-                if output in self.outputs:  # so the log is whole when offbuild reads it
-                    self.copy_output(output)
-                self.send({"op": "exit", "id": request_id, "code": os.waitstatus_to_exitcode(status)})
+            if request_id is None:
+                continue
+            del self.pids[request_id]
+            if self.stopping.pop(pid, None) is not None:
+                _signal_group(pid, signal.SIGKILL)  # what a stopped recipe left behind goes with it
+            if output in self.outputs:  # so the log is whole when offbuild reads it
+                self.copy_output(output)
+            self.send({"op": "exit", "id": request_id, "code": os.waitstatus_to_exitcode(status)})
 
     def kill_all(self) -> None:
         """offbuild is gone: nobody will record these recipes, so stop them at once."""
         for pid in self.children:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal_group(pid, signal.SIGKILL)
 
     def serve(self) -> None:
         wake_read, wake_write = os.pipe()
@@ -191,9 +222,10 @@ class _Server:
         self.poller.register(stdin, select.POLLIN)
         self.poller.register(wake_read, select.POLLIN)
         pending = b""
+        timeout = None
         while True:
             try:
-                events = self.poller.poll()
+                events = self.poller.poll(timeout)
             except InterruptedError:
                 continue
             for fd, _ in events:
@@ -211,11 +243,19 @@ class _Server:
                     *lines, pending = pending.split(b"\n")
                     for line in lines:
                         if line.strip():
-                            self.spawn(json.loads(line))
+                            self.handle(json.loads(line))
                 elif fd in self.outputs:
                     self.copy_output(fd)
             self.reap()
+            timeout = self.kill_late() if self.stopping else None
             self.flush()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def main() -> None:

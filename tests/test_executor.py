@@ -87,7 +87,7 @@ def test_the_spawner_gives_each_recipe_exactly_its_environment(tmp_path):
     try:
         for number, env in enumerate(envs):
             log = tmp_path / f"{number}.log"
-            process = spawner.spawn(["sh", "-c", "env | grep -E '^(A|B|C)=' | sort"], str(tmp_path), env, str(log))
+            process = spawner.start(["sh", "-c", "env | grep -E '^(A|B|C)=' | sort"], str(tmp_path), env, str(log))
             assert process.wait(timeout=10) == 0
             expected = sorted(f"{name}={value}" for name, value in env.items() if name in "ABC")
             assert (log.read_text() if log.exists() else "").split() == expected  # no output: no log
