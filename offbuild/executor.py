@@ -49,12 +49,15 @@ class RecipeResult:
     interrupted: bool = False
     worker: str | None = None  # the Dask worker that ran the last attempt
     error: str = ""  # the last attempt's error, if it could not run or finish
+    logged: bool = True  # False: nothing was written to the log, so there is none to read
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.interrupted
 
     def output(self) -> str:
+        if not self.logged:
+            return ""
         try:
             return Path(self.log_path).read_text(encoding="utf-8", errors="replace")
         except OSError:
@@ -313,6 +316,7 @@ class _LocalRun:
         self.timer: threading.Timer | None = None
         self.waiting = False
         self.timed_out = False
+        self.logged = False  # whether the log got anything: the recipe's output or offbuild's notes
 
     def begin(self) -> None:
         discard_log(self.log_path)
@@ -345,7 +349,7 @@ class _LocalRun:
             process = spawner.start(["sh", "-e", "-c", job.recipe], executor.root, executor.environ,
                                     os.path.abspath(self.log_path), self._exited, variables)
         except SpawnerGone as error:
-            append_to_log(self.log_path, f"offbuild: cannot start the recipe: {error}\n")
+            self._note(f"offbuild: cannot start the recipe: {error}\n")
             self._attempt_ended(Attempt(number, 127, 0.0, error=str(error)))
             return
         with executor._lock:
@@ -367,18 +371,19 @@ class _LocalRun:
                 self.future.set_exception(bug)
             raise
 
-    def _exited(self, code: int, error: str) -> None:
+    def _exited(self, process) -> None:
         """On the spawner's reader thread: the attempt ended (or could not start: `error`)."""
-        self._guarded(self._attempt_exited, code, error)
+        self._guarded(self._attempt_exited, process.returncode, process.error, process.logged)
 
-    def _attempt_exited(self, code: int, error: str) -> None:
+    def _attempt_exited(self, code: int, error: str, logged: bool) -> None:
         with self.executor._lock:
             timer, self.timer = self.timer, None
             timed_out = self.timed_out
+            self.logged = self.logged or logged
         if timer is not None:
             timer.cancel()
         if error:
-            append_to_log(self.log_path, f"offbuild: cannot start the recipe: {error}\n")
+            self._note(f"offbuild: cannot start the recipe: {error}\n")
         self._attempt_ended(Attempt(self.number, exit_code_of(code, timed_out),
                                     time.monotonic() - self.attempt_started, timed_out, error=error))
 
@@ -387,7 +392,7 @@ class _LocalRun:
         executor = self.executor
         delay = retry_delay(self.job.stage, attempt, executor.stopping)
         if delay is not None:
-            append_to_log(self.log_path, retry_note(attempt, delay))
+            self._note(retry_note(attempt, delay))
         with executor._lock:
             if delay is not None and not executor.stopping.is_set():
                 self.waiting = True
@@ -396,10 +401,15 @@ class _LocalRun:
             executor._running.pop(self.job.name, None)
         self._finish()
 
+    def _note(self, text: str) -> None:
+        self.logged = True
+        append_to_log(self.log_path, text)
+
     def _finish(self) -> None:
         last = self.attempts[-1]
         self.future.set_result(RecipeResult(last.exit_code, time.monotonic() - self.started, self.log_path,
-                                            self.attempts, self.executor.stopping.is_set(), error=last.error))
+                                            self.attempts, self.executor.stopping.is_set(), error=last.error,
+                                            logged=self.logged))
 
     def _time_out(self) -> None:
         """On the timeout's own thread: stop the attempt's whole process group."""
@@ -408,7 +418,7 @@ class _LocalRun:
                 return
             self.timed_out = True
             process = self.process
-        append_to_log(self.log_path, f"\noffbuild: timed out after {self.job.stage.timeout:g}s; stopping the recipe\n")
+        self._note(f"\noffbuild: timed out after {self.job.stage.timeout:g}s; stopping the recipe\n")
         process.stop(KILL_GRACE_SECONDS)
 
     def stop(self) -> None:

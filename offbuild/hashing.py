@@ -39,9 +39,16 @@ def hash_bytes(data: bytes) -> str:
 
 def hash_file_contents(path: str, size: int) -> str:
     """BLAKE3 of one file: read for small files, memory-mapped (and threaded) for large ones."""
-    if size < _MMAP_THRESHOLD:
-        with open(path, "rb") as handle:
-            return blake3.blake3(handle.read()).hexdigest()
+    if size < _MMAP_THRESHOLD:  # plain reads: a build hashes thousands of small outputs, and open()'s
+        # buffered file object costs more than the hashing itself
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            hasher = blake3.blake3()
+            while chunk := os.read(fd, max(size, 65536)):
+                hasher.update(chunk)
+        finally:
+            os.close(fd)
+        return hasher.hexdigest()
     threads = blake3.blake3.AUTO if size >= _THREAD_THRESHOLD else 1
     return blake3.blake3(max_threads=threads).update_mmap(path).hexdigest()
 

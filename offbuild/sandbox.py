@@ -15,12 +15,13 @@ class SpawnerGone(Exception):
 
 
 class RemoteProcess:
-    """A recipe started by the spawner: `stop` it, `wait` for it. `on_exit(code, error)` is called on
-    the spawner's reader thread when it ends, or could not start (code 127 and why)."""
+    """A recipe started by the spawner: `stop` it, `wait` for it. `on_exit(process)` is called on the
+    spawner's reader thread when it ends (`returncode`), or could not start (127, and `error` says why)."""
 
-    def __init__(self, spawner: Spawner, request_id: int, on_exit: Callable[[int, str], None] | None = None):
+    def __init__(self, spawner: Spawner, request_id: int, on_exit: Callable[[RemoteProcess], None] | None = None):
         self.returncode: int | None = None
         self.error = ""
+        self.logged = False  # whether the recipe printed anything (its log exists)
         self._spawner = spawner
         self._id = request_id
         self._on_exit = on_exit
@@ -29,9 +30,10 @@ class RemoteProcess:
     def _exited(self, code: int, error: str = "") -> None:
         self.returncode, self.error = code, error
         self._done.set()
-        if self._on_exit is not None:
+        on_exit, self._on_exit = self._on_exit, None  # it refers back to its owner: no cycle for the collector
+        if on_exit is not None:
             try:
-                self._on_exit(code, error)
+                on_exit(self)
             except Exception:  # a bug in the callback: the reader thread must go on for the other recipes
                 traceback.print_exc()
 
@@ -67,7 +69,8 @@ class Spawner:
         self._reader.start()
 
     def start(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str,
-              on_exit: Callable[[int, str], None] | None = None, extra: dict[str, str] | None = None) -> RemoteProcess:
+              on_exit: Callable[[RemoteProcess], None] | None = None, extra: dict[str, str] | None = None
+              ) -> RemoteProcess:
         """Ask for a recipe to start in its own session with `env` plus `extra`, its output appended
         to `log_path`. Returns at once: no round trip, recipes start while offbuild goes on. Raises
         SpawnerGone."""
@@ -110,6 +113,7 @@ class Spawner:
             with self._lock:
                 process = self._running.pop(message["id"])
             if message["op"] == "exit":
+                process.logged = message["logged"]
                 process._exited(message["code"])
             else:  # "error": it could not start
                 process._exited(127, message["message"])

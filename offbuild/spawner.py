@@ -21,7 +21,8 @@ Protocol (one JSON object per line):
                       {"op": "stop", "id": N, "grace": seconds}: SIGTERM to the recipe's process group,
                        SIGKILL after the grace if the recipe has not ended, and at once to whatever it
                        leaves behind in its group when it does
-  spawner → offbuild  {"op": "exit", "id": N, "code": C} | {"op": "error", "id": N, "message": str}
+  spawner → offbuild  {"op": "exit", "id": N, "code": C, "logged": whether it printed anything}
+                      | {"op": "error", "id": N, "message": str}
 """
 from __future__ import annotations
 
@@ -77,10 +78,10 @@ def isolate_network() -> str:
 
 class _Server:
     def __init__(self):
-        self.children: dict[int, tuple[int, int]] = {}  # pid → (request id, its output pipe)
+        self.children: dict[int, tuple[int, int, list]] = {}  # pid → (request id, output pipe, its `outputs` entry)
         self.pids: dict[int, int] = {}  # request id → pid, while the recipe runs
         self.stopping: dict[int, float] = {}  # pid → when it gets SIGKILL (inf: it has had it)
-        self.outputs: dict[int, list] = {}  # output pipe → [log path, log fd or None]
+        self.outputs: dict[int, list] = {}  # output pipe → [log path, log fd or None, whether it wrote]
         self.poller = select.poll()
         self.outbox: list[str] = []  # messages for offbuild, sent together once per wake-up
         self.cwd = os.getcwd()
@@ -141,9 +142,9 @@ class _Server:
         finally:
             os.close(output_writer)
         os.set_blocking(output, False)
-        self.outputs[output] = [request["log"], None]
+        target = self.outputs[output] = [request["log"], None, False]
         self.poller.register(output, select.POLLIN)
-        self.children[pid] = (request["id"], output)
+        self.children[pid] = (request["id"], output, target)
         self.pids[request["id"]] = pid
 
     def stop(self, request_id: int, grace: float) -> None:
@@ -182,6 +183,7 @@ class _Server:
                 del self.outputs[output]
                 return
             copied += len(data)
+            target[2] = True
             if target[1] is None:
                 try:
                     target[1] = os.open(target[0], _LOG_FLAGS, 0o644)
@@ -197,7 +199,7 @@ class _Server:
                 return
             if pid == 0:
                 return
-            request_id, output = self.children.pop(pid, (None, None))
+            request_id, output, target = self.children.pop(pid, (None, None, None))
             if request_id is None:
                 continue
             del self.pids[request_id]
@@ -205,7 +207,7 @@ class _Server:
                 _signal_group(pid, signal.SIGKILL)  # what a stopped recipe left behind goes with it
             if output in self.outputs:  # so the log is whole when offbuild reads it
                 self.copy_output(output)
-            self.send({"op": "exit", "id": request_id, "code": os.waitstatus_to_exitcode(status)})
+            self.send({"op": "exit", "id": request_id, "code": os.waitstatus_to_exitcode(status), "logged": target[2]})
 
     def kill_all(self) -> None:
         """offbuild is gone: nobody will record these recipes, so stop them at once."""
