@@ -20,7 +20,7 @@ from distributed.scheduler import KilledWorker
 
 from .errors import OffbuildError
 from .executor import (KILL_GRACE_SECONDS, Attempt, RecipeResult, append_to_log, checkpoint_path_for, log_path_for,
-                       recipe_env, run_with_retries)
+                       recipe_command, recipe_env, run_with_retries)
 from .model import Job
 from .remote import CANNOT_START_EXIT_CODE, RecipeRunner, probe_isolation, run_attempt
 
@@ -132,7 +132,8 @@ class DaskExecutor:
         env = recipe_env(self.environ, job, self.run_id, number,
                          self.checkpoint_path(job) if job.stage.checkpoint else None)
         isolate = not job.stage.network and self.offline != "off"
-        request = {"argv": ["sh", "-e", "-c", job.recipe], "cwd": self.root, "env": env,
+        argv, shell_variables = recipe_command(job.recipe, self.root)
+        request = {"argv": argv, "cwd": self.root, "env": {**env, **shell_variables},
                    "log": os.path.abspath(log), "isolate": isolate, "strict": self.offline == "strict",
                    "timeout": job.stage.timeout, "grace": KILL_GRACE_SECONDS, "stop_event": self.stop_event.name}
         started = time.monotonic()

@@ -168,6 +168,32 @@ def run_with_retries(job: Job, log_path: str, attempt: Callable[[int], Attempt],
                         worker=last.worker, error=last.error)
 
 
+# A recipe made only of these characters, on one line, has no quoting, expansion, redirection,
+# globbing, comment or control operator: the shell would only split it at spaces and run it.
+_PLAIN_RECIPE = re.compile(r"[A-Za-z0-9_./:,+@%=-]+(?: +[A-Za-z0-9_./:,+@%=-]+)*")
+# Words the shell itself carries out (or that mean something else to it than to a program of the
+# same name, like `echo` and `test`): a recipe starting with one of them goes to the shell.
+_SHELL_WORDS = frozenset(
+    "! { } case do done elif else esac fi for if in then until while . : break continue eval exec exit"
+    " export readonly return set shift times trap unset alias bg cd command echo false fc fg getopts hash"
+    " jobs kill local newgrp printf pwd read test true type ulimit umask unalias wait [ source let".split())
+
+
+def recipe_command(recipe: str, cwd: str) -> tuple[list[str], dict[str, str]]:
+    """How to run a recipe in `cwd`, and what the shell would have added to its environment
+    (`PWD`): `sh -e -c RECIPE`, or,
+    for a plain command (one line of words: no quote, `$`, glob, redirection, `;`, `|`, `&`...,
+    not starting with a shell builtin or `NAME=`), the command itself, as GNU make does. The
+    result is the same; a process less per recipe halves what a build of small recipes costs
+    beyond the recipes themselves."""
+    line = recipe.strip()
+    if _PLAIN_RECIPE.fullmatch(line):
+        words = line.split()
+        if words[0] not in _SHELL_WORDS and "=" not in words[0]:
+            return words, {"PWD": cwd}
+    return ["sh", "-e", "-c", recipe], {}
+
+
 def recipe_variables(job: Job, run_id: str, number: int, checkpoint: str | None) -> dict[str, str]:
     """The OFFBUILD_* variables of one attempt (the rest of its environment is offbuild's own)."""
     variables = {"OFFBUILD_STAGE": job.name, "OFFBUILD_RUN_ID": run_id, "OFFBUILD_ATTEMPT": str(number)}
@@ -334,8 +360,10 @@ class _LocalRun:
         executor, job = self.executor, self.job
         if job.stage.checkpoint:
             os.makedirs(executor.checkpoint_dir, exist_ok=True)
+        argv, shell_variables = recipe_command(job.recipe, executor.root)
         variables = recipe_variables(job, executor.run_id, number,
                                      executor.checkpoint_path(job) if job.stage.checkpoint else None)
+        variables.update(shell_variables)
         spawner = executor.spawner(isolate=not job.stage.network)
         self.number, self.attempt_started, self.timed_out = number, time.monotonic(), False
         with executor._lock:
@@ -346,7 +374,7 @@ class _LocalRun:
             self._attempt_ended(Attempt(number, 130, 0.0))
             return
         try:  # not under the lock: writing to a busy spawner may block
-            process = spawner.start(["sh", "-e", "-c", job.recipe], executor.root, executor.environ,
+            process = spawner.start(argv, executor.root, executor.environ,
                                     os.path.abspath(self.log_path), self._exited, variables)
         except SpawnerGone as error:
             self._note(f"offbuild: cannot start the recipe: {error}\n")
@@ -383,7 +411,7 @@ class _LocalRun:
         if timer is not None:
             timer.cancel()
         if error:
-            self._note(f"offbuild: cannot start the recipe: {error}\n")
+            self._note(f"offbuild: cannot run the recipe: {error}\n")
         self._attempt_ended(Attempt(self.number, exit_code_of(code, timed_out),
                                     time.monotonic() - self.attempt_started, timed_out, error=error))
 

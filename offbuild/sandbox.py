@@ -16,7 +16,8 @@ class SpawnerGone(Exception):
 
 class RemoteProcess:
     """A recipe started by the spawner: `stop` it, `wait` for it. `on_exit(process)` is called on the
-    spawner's reader thread when it ends (`returncode`), or could not start (127, and `error` says why)."""
+    spawner's reader thread when it ends (`returncode`), or could not start (126 or 127, as a shell
+    would exit, and `error` says why)."""
 
     def __init__(self, spawner: Spawner, request_id: int, on_exit: Callable[[RemoteProcess], None] | None = None):
         self.returncode: int | None = None
@@ -116,7 +117,7 @@ class Spawner:
                 process.logged = message["logged"]
                 process._exited(message["code"])
             else:  # "error": it could not start
-                process._exited(127, message["message"])
+                process._exited(message["code"], message["message"])
         with self._lock:  # the spawner died: nothing it started will report again
             self._alive = False
             orphans, self._running = list(self._running.values()), {}

@@ -22,7 +22,7 @@ Protocol (one JSON object per line):
                        SIGKILL after the grace if the recipe has not ended, and at once to whatever it
                        leaves behind in its group when it does
   spawner → offbuild  {"op": "exit", "id": N, "code": C, "logged": whether it printed anything}
-                      | {"op": "error", "id": N, "message": str}
+                      | {"op": "error", "id": N, "code": 126 or 127, "message": str} (it could not start)
 """
 from __future__ import annotations
 
@@ -124,20 +124,26 @@ class _Server:
             self.env = request["env"]
         # Both ends are close-on-exec (PEP 446, like every descriptor of this process): a recipe gets
         # the write end only as its stdout and stderr, so another recipe never holds it open.
-        output, output_writer = os.pipe()
         try:
             if request["cwd"] != self.cwd:  # posix_spawn has no chdir of its own here
                 os.chdir(request["cwd"])
                 self.cwd = request["cwd"]
+        except OSError as error:
+            self.send({"op": "error", "id": request["id"], "code": 127, "message": str(error)})
+            return
+        output, output_writer = os.pipe()
+        try:
             # posix_spawn (vfork) costs a fraction of subprocess's fork.
             pid = os.posix_spawn(self.program(request["argv"][0]), request["argv"], {**self.env, **request["extra"]},
                                  setsid=True, setsigdef=_DEFAULT_SIGNALS, file_actions=[
                                      (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                      (os.POSIX_SPAWN_DUP2, output_writer, 1),
                                      (os.POSIX_SPAWN_DUP2, output_writer, 2)])
-        except OSError as error:
+        except OSError as error:  # what a shell would say, with its exit codes
             os.close(output)
-            self.send({"op": "error", "id": request["id"], "message": str(error)})
+            found = not isinstance(error, FileNotFoundError)
+            self.send({"op": "error", "id": request["id"], "code": 126 if found else 127,
+                       "message": f"{request['argv'][0]}: {error.strerror.lower() if found else 'command not found'}"})
             return
         finally:
             os.close(output_writer)

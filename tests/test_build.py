@@ -532,3 +532,46 @@ def test_dry_run_and_explain_create_nothing(project):
     project.run("-n", check=0)
     project.run("--explain", "second", check=0)
     assert not project.exists(".offbuild")
+
+
+PARENT_PROBE = """
+import os, sys
+parent = open(f"/proc/{os.getppid()}/comm").read().strip()
+open(sys.argv[1], "w").write(f"{parent} {os.environ['PWD']} {os.environ['OFFBUILD_STAGE']} {os.getcwd()}\\n")
+"""
+
+
+def test_a_plain_recipe_runs_without_a_shell_and_sees_what_a_shell_would_give_it(project):
+    project.write("probe.py", PARENT_PROBE)
+    project.pipefile(f"""
+        stage plain:
+            out: plain.txt
+            run: {sys.executable} probe.py $out
+        stage shell:
+            out: shell.txt
+            run: {sys.executable} probe.py $out; true
+    """)
+    project.build("-j", "1", "--offline=off", cwd=project.root, env={"PWD": "/somewhere/else"})
+    root = str(project.root)
+    parent, pwd, stage, cwd = project.read("plain.txt").split()
+    assert parent != "sh" and (pwd, stage, cwd) == (root, "plain", root)
+    parent, pwd, stage, cwd = project.read("shell.txt").split()
+    assert parent == "sh" and (pwd, stage, cwd) == (root, "shell", root)
+
+
+def test_a_missing_or_unrunnable_command_fails_as_in_a_shell(project):
+    project.write("not-executable", "#!/bin/sh\n")
+    project.pipefile("""
+        stage missing:
+            out: a.txt
+            run: no-such-program-here a.txt
+        stage unrunnable:
+            out: b.txt
+            run: ./not-executable b.txt
+    """)
+    result = project.run("-k", check=1)
+    jobs = {job["stage"]: job for job in project.last_record()["jobs"]}
+    assert jobs["missing"]["exit_code"] == 127 and jobs["unrunnable"]["exit_code"] == 126
+    assert "no-such-program-here: command not found" in result.stdout
+    assert "./not-executable: permission denied" in result.stdout
+    assert "command not found" in project.read(".offbuild/logs/missing.log")

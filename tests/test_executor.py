@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from offbuild.errors import Location, OffbuildError
-from offbuild.executor import LocalExecutor
+from offbuild.executor import LocalExecutor, recipe_command
 from offbuild.model import Job, Stage
 from offbuild.sandbox import Spawner
 
@@ -93,3 +93,21 @@ def test_the_spawner_gives_each_recipe_exactly_its_environment(tmp_path):
             assert (log.read_text() if log.exists() else "").split() == expected  # no output: no log
     finally:
         spawner.close()
+
+
+@pytest.mark.parametrize("recipe, direct", [
+    ("cp src/a.txt out/a.txt", ["cp", "src/a.txt", "out/a.txt"]),
+    ("  python3 rules/x.py --size=3 a,b:c@d%e+f  ", ["python3", "rules/x.py", "--size=3", "a,b:c@d%e+f"]),
+    ("dd if=a of=b", ["dd", "if=a", "of=b"]),
+    ("cp 'a b' c", None), ('cp "a" b', None), ("cp $HOME b", None), ("cp a* b", None), ("cp a?.txt b", None),
+    ("cat a > b", None), ("cat < a", None), ("a | b", None), ("a; b", None), ("a && b", None), ("a &", None),
+    ("cp ~/a b", None), ("cp a b # note", None), ("cp a\\ b c", None), ("cp [ab] c", None), ("cp {a,b} c", None),
+    ("cp a b\ncp c d", None), ("FOO=1 make", None), ("cd sub", None), ("echo -e x", None), ("test -f a", None),
+    ("exit 3", None), ("true", None), ("export A", None), ("", None),
+])
+def test_plain_recipes_run_without_a_shell_and_the_rest_with_one(recipe, direct):
+    argv, variables = recipe_command(recipe, "/project")
+    if direct is None:
+        assert argv == ["sh", "-e", "-c", recipe] and variables == {}
+    else:
+        assert argv == direct and variables == {"PWD": "/project"}
