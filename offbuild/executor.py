@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -95,7 +93,7 @@ class Executor(Protocol):
         """Start the job's recipe (with its retries); the future holds how it ended."""
 
     def interrupt(self) -> None:
-        """Stop every running recipe; `run` calls return soon after, marked interrupted."""
+        """Stop every running recipe; their futures complete soon after, marked interrupted."""
 
     def checkpoint_path(self, job: Job) -> str:
         """Where a checkpoint stage's job keeps its checkpoint."""
@@ -180,12 +178,10 @@ _SHELL_WORDS = frozenset(
 
 
 def recipe_command(recipe: str, cwd: str) -> tuple[list[str], dict[str, str]]:
-    """How to run a recipe in `cwd`, and what the shell would have added to its environment
-    (`PWD`): `sh -e -c RECIPE`, or,
-    for a plain command (one line of words: no quote, `$`, glob, redirection, `;`, `|`, `&`...,
-    not starting with a shell builtin or `NAME=`), the command itself, as GNU make does. The
-    result is the same; a process less per recipe halves what a build of small recipes costs
-    beyond the recipes themselves."""
+    """How to run a recipe in `cwd`: `sh -e -c RECIPE`, or, for a plain command (one line of words:
+    no quote, `$`, glob, redirection, `;`, `|`, `&`..., not starting with a shell builtin or
+    `NAME=`), the command itself, as GNU make does, with the `PWD` the shell would have set. The
+    result is the same, and a shell process less per recipe (about 0.7 ms of CPU here)."""
     line = recipe.strip()
     if _PLAIN_RECIPE.fullmatch(line):
         words = line.split()

@@ -111,8 +111,9 @@ class Spawner:
     def _read(self) -> None:
         for line in self.process.stdout:
             message = json.loads(line)
-            with self._lock:
-                process = self._running.pop(message["id"])
+            # No lock: `start` registers a process before its request is written, and a dict's pop is
+            # atomic. Taking the lock here could wait for a writer that waits for this very reader.
+            process = self._running.pop(message["id"])
             if message["op"] == "exit":
                 process.logged = message["logged"]
                 process._exited(message["code"])
