@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from bisect import bisect_right
 
 from . import STATE_DIR, snapshot
 
@@ -94,9 +95,10 @@ class _Links:
         """Jobs reading or making a changed file, the `undecided` ones (`always`, or left failed or
         blocked), and everything downstream of them (decided again; early cutoff may still skip it)."""
         affected = set(undecided)
-        for job in range(len(self.order)):
-            if not changed.isdisjoint(self.inputs(job)) or not changed.isdisjoint(self.outputs(job)):
-                affected.add(job)
+        for offsets, flat in ((self.in_offsets, self.in_flat), (self.out_offsets, self.out_flat)):
+            # One pass over the flat list finds where the changed files are; the offsets say whose.
+            for position in [position for position, file in enumerate(flat) if file in changed]:
+                affected.add(bisect_right(offsets, position) - 1)
         pending = list(affected)
         while pending:
             for after in self.dependents(pending.pop()):
@@ -179,7 +181,7 @@ class _ChangedPart:
         self.graph = self
 
     @classmethod
-    def load(cls, saved: dict, affected: list[int], links: _Links, blobs: list[bytes], store,
+    def load(cls, saved: dict, affected: list[int], links: _Links, blobs: snapshot.PickledJobs, store,
              changed_paths: set[str]) -> _ChangedPart:
         import pickle
 
