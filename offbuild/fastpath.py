@@ -41,7 +41,7 @@ def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | 
     changed = snapshot.changed_files(saved, paths)
     if changed is None:
         return None
-    if snapshot.store_generation(os.path.join(STATE_DIR, "state.db")) != saved["generation"]:
+    if not snapshot.store_unchanged(STATE_DIR, saved, remember=not args.dry_run):
         return None
     if not changed and not saved["always"] and not saved["unsettled"]:
         if args.dry_run:

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import marshal
 import os
+import time
 from array import array
 from itertools import accumulate
 
 from . import __version__
 
-FORMAT = 6  # bump on any change to what a snapshot holds
+FORMAT = 7  # bump on any change to what a snapshot holds
 SNAPSHOT_NAME = "noop.snapshot"
 JOBS_NAME = "noop.jobs"
+STORE_SEEN_NAME = "noop.store"
 RACY_NS = 2_000_000_000  # the same rule as hashing.RACY_NS; kept here so this module stays light
 UNTRUSTED = (0, 0, 0, 0)  # the stat saved for a file whose stat proves nothing: never matches
 _FIELDS = {"format", "key", "token", "sources", "folders", "env", "generation", "targets", "jobs", "file_paths",
@@ -176,6 +178,15 @@ def _write(path: str, value) -> None:
     os.replace(temporary, path)
 
 
+def _read(path: str):
+    """What `_write` wrote there, or None (missing, truncated, or not ours)."""
+    try:
+        with open(path, "rb") as handle:
+            return marshal.load(handle)
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -185,11 +196,7 @@ def _remove(path: str) -> None:
 
 def load(state_dir: str, key: tuple) -> dict | None:
     """The saved snapshot for `key`, or None."""
-    try:
-        with open(os.path.join(state_dir, SNAPSHOT_NAME), "rb") as handle:
-            snapshot = marshal.load(handle)
-    except (OSError, EOFError, ValueError, TypeError):
-        return None
+    snapshot = _read(os.path.join(state_dir, SNAPSHOT_NAME))
     if not isinstance(snapshot, dict) or snapshot.get("format") != FORMAT or snapshot.get("key") != key:
         return None
     return snapshot if _FIELDS <= snapshot.keys() else None
@@ -210,12 +217,10 @@ class PickledJobs:
 
 def load_jobs(state_dir: str, snapshot: dict) -> PickledJobs | None:
     """The pickled jobs saved with `snapshot` (None if the file is missing or belongs to another)."""
-    try:
-        with open(os.path.join(state_dir, JOBS_NAME), "rb") as handle:
-            token, offsets, data = marshal.load(handle)
-    except (OSError, EOFError, ValueError, TypeError):
+    saved = _read(os.path.join(state_dir, JOBS_NAME))
+    if not isinstance(saved, list) or len(saved) != 3 or saved[0] != snapshot["token"]:
         return None
-    return PickledJobs(offsets, data) if token == snapshot["token"] else None
+    return PickledJobs(saved[1], saved[2])
 
 
 def structure_holds(snapshot: dict) -> bool:
@@ -355,6 +360,23 @@ def _fork_stats(paths: list[str], stats: array, start: int, stop: int):
             os._exit(code)
     os.close(write)
     return pid, open(read, "rb")
+
+
+def store_unchanged(state_dir: str, snapshot: dict, remember: bool = True) -> bool:
+    """Does the state store still hold the snapshot's generation (no other process recorded a job
+    since)? Asking SQLite costs a no-op build more than all its other imports, so once it answered
+    yes about settled files, their stats are kept (`noop.store`, unless not to `remember`: -n) and
+    vouch for the answer while they hold: the stat cache's rule, applied to the store's own files."""
+    path, seen = os.path.join(state_dir, "state.db"), os.path.join(state_dir, STORE_SEEN_NAME)
+    taken = time.time_ns()  # before the stats: a write after them changes their mtime
+    files = [stat_tuple(path), stat_tuple(path + "-wal")]
+    if _read(seen) == [snapshot["token"], files]:
+        return True
+    if store_generation(path) != snapshot["generation"]:
+        return False
+    if remember and all(stat is None or taken - stat[1] >= RACY_NS for stat in files):
+        _write(seen, [snapshot["token"], files])
+    return True
 
 
 def store_generation(path: str) -> int | None:

@@ -477,3 +477,28 @@ def test_the_stat_check_split_over_processes_finds_what_one_process_finds(tmp_pa
     assert snapshot.changed_files(saved, paths) == [3, 17, 38]
     monkeypatch.setattr(snapshot, "PARALLEL_STATS", 1000)  # one process: the same answer
     assert snapshot._stat_processes(len(paths)) == 1 and snapshot.changed_files(saved, paths) == [3, 17, 38]
+
+
+def test_settled_store_files_vouch_for_the_store_until_another_process_writes(project):
+    """A no-op build asks SQLite whether another process recorded a job only until the store's files
+    have settled; then their stats answer, and a write by another process still defeats the fast path."""
+    settled_project(project)
+    past = time.time() - 10
+    for name in ("state.db", "state.db-wal"):
+        if project.exists(f".offbuild/{name}"):
+            os.utime(project.root / ".offbuild" / name, (past, past))
+    project.run("-n", check=0)
+    assert not project.exists(".offbuild/noop.store")  # -n changes nothing on disk
+    assert project.build().get("fast_path") == "noop" and project.exists(".offbuild/noop.store")
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "offbuild", "--json"], cwd=project.root, capture_output=True,
+        text=True, timeout=60)
+    assert json.loads(result.stdout[result.stdout.index("{"):])["fast_path"] == "noop"
+    assert " sqlite3" not in result.stderr
+    from offbuild.state import StateStore
+
+    store = StateStore(str(project.root / ".offbuild" / "state.db"))
+    store.record_failure("all", "elsewhere")  # as another process would: the generation moves on
+    store.close()
+    record = project.build()
+    assert record.get("fast_path") != "noop" and project.ran(record) == {"all"}
