@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from . import STATE_DIR, snapshot
-from .build import Builder, Outcome, dry_run
+from .build import Builder, dry_run
 from .errors import UsageError
 from .executor import Executor, LocalExecutor
 from .planner import Action, Planner
@@ -58,15 +58,18 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
     finally:
         if owned:
             executor.close()
-    for name in presumed_done:
-        result.outcomes[name] = Outcome(name, "skipped")
     counts = result.counts()
+    # The jobs the fast path proved up to date count as skipped, without an outcome each (10,000 of
+    # them on a one-file edit of a big pipeline).
+    counts["total"] += len(presumed_done)
+    counts["skipped"] += len(presumed_done)
     record = {
         "run_id": run_id, "started": iso(started_wall), "ended": iso(time.time()), "status": result.status,
         "targets": shown_targets, "offline": executor.offline_status(), "counts": counts,
         "hashed": {"files": project.hasher.files_hashed, "bytes": project.hasher.bytes_hashed},
         "jobs": [outcome.as_record() for outcome in result.outcomes.values() if outcome.action != "skipped"],
-        "skipped": [outcome.name for outcome in result.outcomes.values() if outcome.action == "skipped"],
+        "skipped": [outcome.name for outcome in result.outcomes.values() if outcome.action == "skipped"]
+        + list(presumed_done),
     }
     if fast_path:
         record["fast_path"] = "changes"
