@@ -119,19 +119,23 @@ def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> i
     blobs = snapshot.load_jobs(STATE_DIR, saved)
     if blobs is None:
         return None
-    import pickle
-
-    from . import run
+    from . import run  # not yet the scheduler's modules (run.build loads them)
     from .executor import LocalExecutor
-    from .state import StateStore
 
     executor = None
     if not args.dry_run:
         executor = run.make_executor(args, "")
-        if isinstance(executor, LocalExecutor):  # a recipe will likely run: start the spawner while jobs load
+        # A recipe will likely run: start the spawner (~40 ms) now, so it starts while the scheduler's
+        # modules, the store and the jobs load, instead of holding up the first recipe.
+        if isinstance(executor, LocalExecutor):
             executor.warm_up()
-    store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=args.dry_run)
+    store = None
     try:
+        import pickle
+
+        from .state import StateStore
+
+        store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=args.dry_run)
         start_generation = store.generation()
         if start_generation != saved["generation"]:  # another process wrote since the check
             return None
@@ -159,7 +163,8 @@ def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> i
                          executor=executor, fast_path=True,
                          cache_at=None if args.no_cache else args.user_cache or saved["cache"])
     finally:
-        store.close()
+        if store is not None:
+            store.close()
         if executor is not None:
             executor.close()
 

@@ -9,10 +9,8 @@ import time
 from collections.abc import Callable
 
 from . import STATE_DIR, snapshot
-from .build import Builder, dry_run
 from .errors import UsageError
 from .executor import Executor, LocalExecutor
-from .planner import Action, Planner
 from .records import iso, new_run_id, write_run_record
 from .reporter import make_reporter
 
@@ -31,6 +29,10 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
     makes the snapshot to save afterwards, given the jobs left not up to date (None removes it).
     `before(reporter)` runs first; `cache_at` is the shared cache to use, if any; watch mode passes
     its long-lived `executor` (closed by its owner)."""
+    # Loaded here, not at the top: the fast path starts the executor's spawner first, then these load.
+    from .build import Builder
+    from .planner import Planner
+
     started_wall, started = time.time(), time.monotonic()
     run_id = run_id or args.run_id or new_run_id()
     # Opened first: an unusable cache is a usage error before any output is drawn, removed or run.
@@ -84,6 +86,9 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
 
 def show_dry_run(project, order: list[str], force: bool, presumed_done: int = 0) -> int:
     """`-n`: what would run and why; `presumed_done` jobs the fast path proved up to date."""
+    from .build import dry_run
+    from .planner import Action, Planner
+
     decisions = dry_run(project.graph, order, Planner(project.hasher, project.records, force=force))
     would_run = [decision for decision in decisions if decision.action is Action.RUN]
     for decision in would_run:
