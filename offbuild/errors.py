@@ -1,28 +1,10 @@
 """Error types users can cause, and their `file:line:col: error: ...` rendering."""
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    """A place in a Pipefile: file as shown to the user, 1-based line and column."""
-
-    file: str
-    line: int
-    column: int = 1
-    # The file's absolute path, so the snippet is read from the right file whatever the working
-    # directory is by the time the error is shown (`-C`, and the chdir to the project root).
-    path: str | None = field(default=None, compare=False, repr=False)
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}"
-
-    def at(self, line: int, column: int) -> "Location":
-        """Another place in the same file."""
-        return Location(self.file, line, column, self.path)
+if TYPE_CHECKING:
+    from .model import Location
 
 
 class OffbuildError(Exception):
@@ -58,7 +40,8 @@ class UsageError(OffbuildError):
 def source_snippet(location: Location) -> str | None:
     """The offending source line followed by a caret under the column, or None if unreadable."""
     try:
-        text = Path(location.path or location.file).read_text(encoding="utf-8", errors="replace")
+        with open(location.path or location.file, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
     except OSError:
         return None
     # Split as the loaders do: str.splitlines() would also break at form feeds and U+2028.
@@ -71,5 +54,7 @@ def source_snippet(location: Location) -> str | None:
 
 def did_you_mean(word: str, choices) -> str:
     """` (did you mean 'x'?)` for the closest choice, or an empty string."""
+    import difflib  # only for a message: a no-op build never loads it
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from bisect import bisect_right
 
 from . import STATE_DIR, snapshot
 
@@ -40,7 +41,7 @@ def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | 
     changed = snapshot.changed_files(saved, paths)
     if changed is None:
         return None
-    if snapshot.store_generation(os.path.join(STATE_DIR, "state.db")) != saved["generation"]:
+    if not snapshot.store_unchanged(STATE_DIR, saved, remember=not args.dry_run):
         return None
     if not changed and not saved["always"] and not saved["unsettled"]:
         if args.dry_run:
@@ -94,9 +95,10 @@ class _Links:
         """Jobs reading or making a changed file, the `undecided` ones (`always`, or left failed or
         blocked), and everything downstream of them (decided again; early cutoff may still skip it)."""
         affected = set(undecided)
-        for job in range(len(self.order)):
-            if not changed.isdisjoint(self.inputs(job)) or not changed.isdisjoint(self.outputs(job)):
-                affected.add(job)
+        for offsets, flat in ((self.in_offsets, self.in_flat), (self.out_offsets, self.out_flat)):
+            # One pass over the flat list finds where the changed files are; the offsets say whose.
+            for position in [position for position, file in enumerate(flat) if file in changed]:
+                affected.add(bisect_right(offsets, position) - 1)
         pending = list(affected)
         while pending:
             for after in self.dependents(pending.pop()):
@@ -117,19 +119,23 @@ def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> i
     blobs = snapshot.load_jobs(STATE_DIR, saved)
     if blobs is None:
         return None
-    import pickle
-
-    from . import run
+    from . import run  # not yet the scheduler's modules (run.build loads them)
     from .executor import LocalExecutor
-    from .state import StateStore
 
     executor = None
     if not args.dry_run:
         executor = run.make_executor(args, "")
-        if isinstance(executor, LocalExecutor):  # a recipe will likely run: start the spawner while jobs load
+        # A recipe will likely run: start the spawner (~40 ms) now, so it starts while the scheduler's
+        # modules, the store and the jobs load, instead of holding up the first recipe.
+        if isinstance(executor, LocalExecutor):
             executor.warm_up()
-    store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=args.dry_run)
+    store = None
     try:
+        import pickle
+
+        from .state import StateStore
+
+        store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=args.dry_run)
         start_generation = store.generation()
         if start_generation != saved["generation"]:  # another process wrote since the check
             return None
@@ -157,7 +163,8 @@ def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> i
                          executor=executor, fast_path=True,
                          cache_at=None if args.no_cache else args.user_cache or saved["cache"])
     finally:
-        store.close()
+        if store is not None:
+            store.close()
         if executor is not None:
             executor.close()
 
@@ -179,7 +186,7 @@ class _ChangedPart:
         self.graph = self
 
     @classmethod
-    def load(cls, saved: dict, affected: list[int], links: _Links, blobs: list[bytes], store,
+    def load(cls, saved: dict, affected: list[int], links: _Links, blobs: snapshot.PickledJobs, store,
              changed_paths: set[str]) -> _ChangedPart:
         import pickle
 

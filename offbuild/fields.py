@@ -6,8 +6,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from .errors import LoadError, Location, UsageError, did_you_mean
-from .model import JobVar, PathSpec, Stage
+from .errors import LoadError, UsageError, did_you_mean
+from .model import JobVar, Location, PathSpec, Stage
 
 STAGE_FIELDS = (
     "in", "out", "run", "doc", "after", "env", "checkpoint", "retries", "backoff",

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from .errors import LoadError, Location, UsageError, did_you_mean
-from .model import Job, JobVar, PathSpec, Pipeline, Stage
+from .errors import LoadError, UsageError, did_you_mean
+from .model import Job, JobVar, Location, PathSpec, Pipeline, Stage
 from .snapshot import listing_signature
 
 # Pattern stages feeding each other can generate jobs forever; real chains are far shorter.

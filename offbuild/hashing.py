@@ -73,8 +73,10 @@ class FileHasher:
     def digest(self, path: str) -> str | None:
         """The content hash of a file or directory tree, or None when the path does not exist."""
         verified = self.verified.get(path)
-        if verified is not None:
-            return self._seen(path, verified)
+        if verified is not None:  # `_seen` inlined: a fast-path build asks this for every input of a big job
+            if self.first_digest.setdefault(path, verified) != verified:
+                self.unstable = True
+            return verified
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):

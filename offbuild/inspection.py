@@ -6,10 +6,9 @@ import os
 from dataclasses import dataclass
 
 from .build import dry_run
-from .errors import Location
 from .executor import checkpoint_path_for
 from .graph import BuildGraph
-from .model import Job, PathSpec
+from .model import Job, Location, PathSpec
 from .planner import Action, Decision, Planner
 
 UP_TO_DATE, WILL_RUN, FAILED = "up to date", "will run", "failed last time"

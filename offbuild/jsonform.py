@@ -6,9 +6,9 @@ import os
 import re
 from pathlib import Path
 
-from .errors import LoadError, Location
+from .errors import LoadError
 from .fields import StageBuilder, source_stat, Text, check_overrides, check_variable_name, expand_string, parse_int
-from .model import PathSpec, Pipeline
+from .model import Location, PathSpec, Pipeline
 
 
 class _Locator:

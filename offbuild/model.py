@@ -3,7 +3,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import Location
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """A place in a Pipefile: file as shown to the user, 1-based line and column."""
+
+    file: str
+    line: int
+    column: int = 1
+    # The file's absolute path, so the snippet is read from the right file whatever the working
+    # directory is by the time the error is shown (`-C`, and the chdir to the project root).
+    path: str | None = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+    def at(self, line: int, column: int) -> "Location":
+        """Another place in the same file."""
+        return Location(self.file, line, column, self.path)
+
 
 # Per-job names a recipe may use; they cannot be defined as variables.
 JOB_VARIABLES = ("in", "out", "stage", "stem")

@@ -8,9 +8,9 @@ from pathlib import Path
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from .errors import LoadError, Location, did_you_mean
+from .errors import LoadError, did_you_mean
 from .fields import StageBuilder, Text, source_stat, check_overrides, check_variable_name, expand_string, parse_int
-from .model import PathSpec, Pipeline, Stage
+from .model import Location, PathSpec, Pipeline, Stage
 
 _TOKEN_NAMES = {
     "_NL": "end of line", "_INDENT": "indented block", "_DEDENT": "end of block", "$END": "end of file",

@@ -6,11 +6,11 @@ import pickle
 from dataclasses import dataclass
 
 from .build import is_stale_output
-from .errors import Location, UsageError
+from .errors import UsageError
 from .graph import BuildGraph, build_graph
 from .hashing import RACY_NS, FileHasher
 from .jsonform import load_json
-from .model import PathSpec, Pipeline
+from .model import Location, PathSpec, Pipeline
 from . import STATE_DIR, __version__
 from .state import JobRecord, StateStore
 

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import marshal
 import os
+import time
 from array import array
-from dataclasses import replace
-
-import blake3
+from itertools import accumulate
 
 from . import __version__
 
-FORMAT = 5  # bump on any change to what a snapshot holds
+FORMAT = 7  # bump on any change to what a snapshot holds
 SNAPSHOT_NAME = "noop.snapshot"
 JOBS_NAME = "noop.jobs"
+STORE_SEEN_NAME = "noop.store"
 RACY_NS = 2_000_000_000  # the same rule as hashing.RACY_NS; kept here so this module stays light
 UNTRUSTED = (0, 0, 0, 0)  # the stat saved for a file whose stat proves nothing: never matches
 _FIELDS = {"format", "key", "token", "sources", "folders", "env", "generation", "targets", "jobs", "file_paths",
@@ -105,12 +105,15 @@ def capture(key: tuple, project, order: list[str], shown_targets: list[str], pip
         "holds_source": holding_sources, "pools": dict(graph.pipeline.pools),
         "cache": pipefile_cache,  # the Pipefile's `cache = ...`, for a fast-path build
     }
-    return snapshot, [token, blobs]
+    offsets = array("q", accumulate(map(len, blobs), initial=0))
+    return snapshot, [token, offsets.tobytes(), b"".join(blobs)]
 
 
 def _for_building(job):
     """The job without what only loading and explaining use (source locations, the stage's declared
     paths and recipe template): a 10,000-input stage unpickles in microseconds instead of 20 ms."""
+    from dataclasses import replace  # only here: a no-op build does without dataclasses
+
     return replace(job, input_locations=(), stage=replace(job.stage, inputs=(), outputs=(), recipe=(), after=()))
 
 
@@ -175,6 +178,15 @@ def _write(path: str, value) -> None:
     os.replace(temporary, path)
 
 
+def _read(path: str):
+    """What `_write` wrote there, or None (missing, truncated, or not ours)."""
+    try:
+        with open(path, "rb") as handle:
+            return marshal.load(handle)
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -184,24 +196,31 @@ def _remove(path: str) -> None:
 
 def load(state_dir: str, key: tuple) -> dict | None:
     """The saved snapshot for `key`, or None."""
-    try:
-        with open(os.path.join(state_dir, SNAPSHOT_NAME), "rb") as handle:
-            snapshot = marshal.load(handle)
-    except (OSError, EOFError, ValueError, TypeError):
-        return None
+    snapshot = _read(os.path.join(state_dir, SNAPSHOT_NAME))
     if not isinstance(snapshot, dict) or snapshot.get("format") != FORMAT or snapshot.get("key") != key:
         return None
     return snapshot if _FIELDS <= snapshot.keys() else None
 
 
-def load_jobs(state_dir: str, snapshot: dict) -> list[bytes] | None:
+class PickledJobs:
+    """The jobs saved with a snapshot, pickled one after another: loading the file copies one
+    string, and only the jobs a build needs are cut out of it (`jobs[index]`)."""
+
+    def __init__(self, offsets: bytes, data: bytes):
+        self.offsets = array("q")
+        self.offsets.frombytes(offsets)
+        self.data = memoryview(data)
+
+    def __getitem__(self, index: int) -> memoryview:
+        return self.data[self.offsets[index]:self.offsets[index + 1]]
+
+
+def load_jobs(state_dir: str, snapshot: dict) -> PickledJobs | None:
     """The pickled jobs saved with `snapshot` (None if the file is missing or belongs to another)."""
-    try:
-        with open(os.path.join(state_dir, JOBS_NAME), "rb") as handle:
-            token, blobs = marshal.load(handle)
-    except (OSError, EOFError, ValueError, TypeError):
+    saved = _read(os.path.join(state_dir, JOBS_NAME))
+    if not isinstance(saved, list) or len(saved) != 3 or saved[0] != snapshot["token"]:
         return None
-    return blobs if token == snapshot["token"] else None
+    return PickledJobs(saved[1], saved[2])
 
 
 def structure_holds(snapshot: dict) -> bool:
@@ -222,6 +241,8 @@ def structure_holds(snapshot: dict) -> bool:
 
 def listing_signature(entries) -> str:
     """What globs and patterns see of a folder: its entries' names, and which are folders."""
+    import blake3  # only when a folder's stat changed (or for the full path)
+
     names = sorted(f"{entry.name}\0{int(entry.is_dir(follow_symlinks=False))}" for entry in entries)
     return blake3.blake3("\n".join(names).encode(errors="surrogateescape")).hexdigest()
 
@@ -244,11 +265,20 @@ def changed_files(snapshot: dict, paths: list[str]) -> list[int] | None:
     stats.frombytes(snapshot["file_stats"])
     if len(stats) != 4 * len(paths):
         return None
-    changed = []
+    parts = _stat_processes(len(paths))
+    if parts == 1:
+        return _changed_between(paths, stats, 0, len(paths)).tolist()
+    bounds = [len(paths) * part // parts for part in range(parts + 1)]
+    return _changed_in_parallel(paths, stats, bounds).tolist()
+
+
+def _changed_between(paths: list[str], stats: array, start: int, stop: int) -> array:
+    """The indices in [start, stop) of files whose stat differs from `stats` (4 values per file)."""
+    changed = array("i")
     stat = os.stat
-    for index, path in enumerate(paths):
+    for index in range(start, stop):
         try:
-            st = stat(path)
+            st = stat(paths[index])
         except (FileNotFoundError, NotADirectoryError):
             changed.append(index)
             continue
@@ -257,6 +287,96 @@ def changed_files(snapshot: dict, paths: list[str]) -> list[int] | None:
                 or st.st_ctime_ns != stats[at + 3]):
             changed.append(index)
     return changed
+
+
+PARALLEL_STATS = 4096  # files per process below which forking costs more than it saves
+_MAX_STAT_PROCESSES = 8
+
+
+def _stat_processes(files: int) -> int:
+    """How many processes share the stats. A stat costs ~2 us, mostly in the kernel's path lookup
+    and in building the result object under the GIL, so threads do not help but processes do."""
+    if not hasattr(os, "fork") or files < 2 * PARALLEL_STATS:
+        return 1
+    import threading  # forking a process that runs other threads could leave a child stuck on their locks
+
+    if threading.active_count() > 1:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, files // PARALLEL_STATS, _MAX_STAT_PROCESSES))
+
+
+def _changed_in_parallel(paths: list[str], stats: array, bounds: list[int]) -> array:
+    """`_changed_between` over each [bounds[k], bounds[k + 1]): the first range here, every other
+    one in a forked child that sends its indices back through a pipe. A range whose child failed
+    (or could not be forked) is done here, so the answer never depends on the children."""
+    children = []  # (pid, pipe, start, stop)
+    left = []  # ranges no child took
+    try:
+        for start, stop in zip(bounds[1:-1], bounds[2:]):
+            child = _fork_stats(paths, stats, start, stop)
+            if child is None:
+                left.append((start, stop))
+            else:
+                children.append((*child, start, stop))
+        changed = _changed_between(paths, stats, bounds[0], bounds[1])
+        for start, stop in left:
+            changed.extend(_changed_between(paths, stats, start, stop))
+        for pid, pipe, start, stop in children:
+            data = pipe.read()
+            if os.waitpid(pid, 0)[1] == 0 and len(data) % changed.itemsize == 0:
+                changed.frombytes(data)
+            else:
+                changed.extend(_changed_between(paths, stats, start, stop))
+        return changed
+    finally:
+        for pid, pipe, _, _ in children:
+            pipe.close()  # if interrupted, a child still writing gets EPIPE and ends
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # reaped above
+                pass
+
+
+def _fork_stats(paths: list[str], stats: array, start: int, stop: int):
+    """A child computing `_changed_between(paths, stats, start, stop)`: (pid, the pipe its answer
+    comes through), or None when no process can be forked."""
+    read, write = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read)
+        os.close(write)
+        return None
+    if pid == 0:  # the child: write the answer and leave at once, cleaning up nothing of the parent's
+        code = 1
+        try:
+            os.close(read)
+            data = memoryview(_changed_between(paths, stats, start, stop).tobytes())
+            while data:
+                data = data[os.write(write, data):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    return pid, open(read, "rb")
+
+
+def store_unchanged(state_dir: str, snapshot: dict, remember: bool = True) -> bool:
+    """Does the state store still hold the snapshot's generation (no other process recorded a job
+    since)? Asking SQLite costs a no-op build more than all its other imports, so once it answered
+    yes about settled files, their stats are kept (`noop.store`, unless not to `remember`: -n) and
+    vouch for the answer while they hold: the stat cache's rule, applied to the store's own files."""
+    path, seen = os.path.join(state_dir, "state.db"), os.path.join(state_dir, STORE_SEEN_NAME)
+    taken = time.time_ns()  # before the stats: a write after them changes their mtime
+    files = [stat_tuple(path), stat_tuple(path + "-wal")]
+    if _read(seen) == [snapshot["token"], files]:
+        return True
+    if store_generation(path) != snapshot["generation"]:
+        return False
+    if remember and all(stat is None or taken - stat[1] >= RACY_NS for stat in files):
+        _write(seen, [snapshot["token"], files])
+    return True
 
 
 def store_generation(path: str) -> int | None:

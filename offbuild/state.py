@@ -148,6 +148,8 @@ class StateStore:
                 delay = min(delay * 2, 0.5)
 
     def _migrate(self) -> None:
+        if _has_schema(self.db) and self.db.execute("SELECT version FROM schema").fetchone() == (SCHEMA_VERSION,):
+            return  # current: the tables were made with the version row, in one transaction
         with self.transaction():
             self.db.execute("CREATE TABLE IF NOT EXISTS schema (version INTEGER NOT NULL)")
             row = self.db.execute("SELECT version FROM schema").fetchone()

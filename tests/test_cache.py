@@ -16,8 +16,8 @@ import pytest
 
 from offbuild.cache import REFRESH_SECONDS, OutputCache, parse_size, why_not_cached
 from offbuild.cachesetting import cache_location
-from offbuild.errors import Location, UsageError
-from offbuild.model import Job, Stage
+from offbuild.errors import UsageError
+from offbuild.model import Job, Location, Stage
 
 PIPELINE = """
 stage first:

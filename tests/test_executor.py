@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from offbuild.errors import Location, OffbuildError
+from offbuild.errors import OffbuildError
 from offbuild.executor import LocalExecutor, recipe_command
-from offbuild.model import Job, Stage
+from offbuild.model import Job, Location, Stage
 from offbuild.sandbox import Spawner
 
 

@@ -425,3 +425,80 @@ def test_a_flaky_failure_then_a_revert_rebuilds_from_the_right_input(project):
     assert project.read("out.txt") == "two\n"
     project.write("src.txt", "one\n")  # back to the first content
     assert project.ran(project.build()) == {"copy"} and project.read("out.txt") == "one\n"
+
+
+# -- the snapshot's stat check, split over forked processes on big trees
+
+
+def stat_snapshot(paths: list[str]) -> dict:
+    from array import array
+
+    from offbuild import snapshot
+
+    stats = array("q")
+    for path in paths:
+        stats.extend(snapshot.stat_tuple(path))
+    return {"file_stats": stats.tobytes()}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the stats are split over forked processes")
+@pytest.mark.parametrize("trouble", [None, "child", "fork"])
+def test_the_stat_check_split_over_processes_finds_what_one_process_finds(tmp_path, monkeypatch, trouble):
+    from offbuild import snapshot
+
+    paths = []
+    for index in range(40):
+        path = tmp_path / f"f{index}.txt"
+        path.write_text(f"{index}\n")
+        paths.append(str(path))
+    saved = stat_snapshot(paths)
+    (tmp_path / "f3.txt").write_text("changed size\n")
+    (tmp_path / "f17.txt").unlink()
+    (tmp_path / "f38.txt").unlink()
+    (tmp_path / "f38.txt").write_text("38\n")  # same content and size, another inode
+    monkeypatch.setattr(snapshot, "PARALLEL_STATS", 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert snapshot._stat_processes(len(paths)) == 3
+    if trouble == "fork":  # no child at all: the parent does every share
+
+        def no_fork():
+            raise BlockingIOError("no more processes")
+
+        monkeypatch.setattr(os, "fork", no_fork)
+    if trouble == "child":  # a child that cannot answer has its share redone by the parent
+        parent, serial = os.getpid(), snapshot._changed_between
+
+        def only_in_the_parent(*args):
+            if os.getpid() != parent:
+                raise OSError("a child's trouble")
+            return serial(*args)
+
+        monkeypatch.setattr(snapshot, "_changed_between", only_in_the_parent)
+    assert snapshot.changed_files(saved, paths) == [3, 17, 38]
+    monkeypatch.setattr(snapshot, "PARALLEL_STATS", 1000)  # one process: the same answer
+    assert snapshot._stat_processes(len(paths)) == 1 and snapshot.changed_files(saved, paths) == [3, 17, 38]
+
+
+def test_settled_store_files_vouch_for_the_store_until_another_process_writes(project):
+    """A no-op build asks SQLite whether another process recorded a job only until the store's files
+    have settled; then their stats answer, and a write by another process still defeats the fast path."""
+    settled_project(project)
+    past = time.time() - 10
+    for name in ("state.db", "state.db-wal"):
+        if project.exists(f".offbuild/{name}"):
+            os.utime(project.root / ".offbuild" / name, (past, past))
+    project.run("-n", check=0)
+    assert not project.exists(".offbuild/noop.store")  # -n changes nothing on disk
+    assert project.build().get("fast_path") == "noop" and project.exists(".offbuild/noop.store")
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "offbuild", "--json"], cwd=project.root, capture_output=True,
+        text=True, timeout=60)
+    assert json.loads(result.stdout[result.stdout.index("{"):])["fast_path"] == "noop"
+    assert " sqlite3" not in result.stderr
+    from offbuild.state import StateStore
+
+    store = StateStore(str(project.root / ".offbuild" / "state.db"))
+    store.record_failure("all", "elsewhere")  # as another process would: the generation moves on
+    store.close()
+    record = project.build()
+    assert record.get("fast_path") != "noop" and project.ran(record) == {"all"}

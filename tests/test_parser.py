@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from offbuild.errors import LoadError, Location, UsageError
+from offbuild.errors import LoadError, UsageError
 from offbuild.jsonform import load_json
-from offbuild.model import JobVar, Pipeline, Stage
+from offbuild.model import JobVar, Location, Pipeline, Stage
 from offbuild.parser import load_pipefile
 
 # SPEC section 1's example, verbatim: it must load exactly as written.

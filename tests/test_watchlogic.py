@@ -6,9 +6,8 @@ import time
 
 import pytest
 
-from offbuild.errors import Location
 from offbuild.graph import build_graph
-from offbuild.model import PathSpec
+from offbuild.model import Location, PathSpec
 from offbuild.parser import load_pipefile
 from offbuild.watchlogic import (FOLDER, Change, Debouncer, EventKind, FsEvent, WatchSet, header, is_noise,
                                  new_folders, settle, watch_set_for)
