@@ -13,9 +13,10 @@ the file is opened once per `JobLocks` and closed only by `release_all`.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import threading
+
+import blake3
 
 POLL_SECONDS = 0.05
 LOCK_FILE = "jobs.lock"
@@ -24,7 +25,7 @@ LOCK_FILE = "jobs.lock"
 def _offset(name: str) -> int:
     """Where the job's byte is: 56 bits of a hash, so two jobs share a byte about never (and if
     they did, they would only wait for each other)."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=7).digest(), "big")
+    return int.from_bytes(blake3.blake3(name.encode()).digest(7), "big")
 
 
 class JobLocks:
