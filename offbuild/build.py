@@ -47,7 +47,7 @@ class Outcome:
                                  for a in self.result.attempts]
             entry["duration"] = round(self.result.duration, 4)
             entry["exit_code"] = self.result.exit_code
-            if self.result.logged and os.path.exists(self.result.log_path):  # printing nothing leaves no log
+            if self.result.has_log():
                 entry["log"] = self.result.log_path
             if self.result.worker is not None:
                 entry["worker"] = self.result.worker
@@ -372,7 +372,7 @@ class Builder:
                 self.hasher.forget(path)
         self.store.record_failure(outcome.name, self.run_id)
         result = outcome.result
-        log = f"log: {result.log_path}" if result and result.logged and os.path.exists(result.log_path) else ""
+        log = f"log: {result.log_path}" if result and result.has_log() else ""
         detail = "; ".join(part for part in (outcome.error, log) if part)
         self.reporter.job_finished(outcome.name, outcome.action, result.duration if result else 0.0,
                                    result.output() if result else "", detail)

@@ -53,6 +53,10 @@ class RecipeResult:
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.interrupted
 
+    def has_log(self) -> bool:
+        """Whether the log exists: a recipe that printed nothing leaves none."""
+        return self.logged and os.path.exists(self.log_path)
+
     def output(self) -> str:
         if not self.logged:
             return ""
@@ -124,6 +128,10 @@ def retry_delay(stage, attempt: Attempt, stopping: threading.Event) -> float | N
 
 def retry_note(attempt: Attempt, delay: float) -> str:
     return f"offbuild: attempt {attempt.number} exited {attempt.exit_code}; retrying in {delay:.1f}s\n"
+
+
+def timeout_note(seconds: float) -> str:
+    return f"\noffbuild: timed out after {seconds:g}s; stopping the recipe\n"
 
 
 def append_to_log(log_path: str, text: str) -> None:
@@ -442,7 +450,7 @@ class _LocalRun:
                 return
             self.timed_out = True
             process = self.process
-        self._note(f"\noffbuild: timed out after {self.job.stage.timeout:g}s; stopping the recipe\n")
+        self._note(timeout_note(self.job.stage.timeout))
         process.stop(KILL_GRACE_SECONDS)
 
     def stop(self) -> None:

@@ -17,7 +17,7 @@ import time
 from distributed import Event, WorkerPlugin, get_worker
 from distributed.worker import thread_state
 
-from .executor import KILL_GRACE_SECONDS, exit_code_of
+from .executor import KILL_GRACE_SECONDS, append_to_log, exit_code_of, timeout_note
 from .sandbox import Spawner, SpawnerGone
 
 PLUGIN_NAME = "offbuild-recipes"
@@ -87,7 +87,7 @@ def run_attempt(request: dict) -> dict:
         return answer
     ending = _wait(process, request["timeout"], request["stop_event"], worker, thread_state.key)
     if ending == "timed out":
-        _append(request["log"], f"\noffbuild: timed out after {request['timeout']:g}s; stopping the recipe\n")
+        append_to_log(request["log"], timeout_note(request["timeout"]))
     if ending != "exited":
         process.stop(request.get("grace", KILL_GRACE_SECONDS))
         process.wait()
@@ -135,8 +135,3 @@ def _wait(process, timeout: float | None, stop_event: str, worker, key) -> str:
                     return "stopped"
             except Exception:  # the scheduler is unreachable for now: the task state above still guards
                 pass
-
-
-def _append(path: str, text: str) -> None:
-    with open(path, "ab") as log:
-        log.write(text.encode())

@@ -76,12 +76,23 @@ def isolate_network() -> str:
     return ""
 
 
+class _Output:
+    """One recipe's output pipe and the log it is copied to, opened at the first byte."""
+
+    __slots__ = ("pipe", "path", "log", "logged")
+
+    def __init__(self, pipe: int, path: str):
+        self.pipe, self.path = pipe, path
+        self.log: int | None = None  # its descriptor while open
+        self.logged = False  # whether the log was created (the recipe printed something)
+
+
 class _Server:
     def __init__(self):
-        self.children: dict[int, tuple[int, int, list]] = {}  # pid → (request id, output pipe, its `outputs` entry)
+        self.children: dict[int, tuple[int, _Output]] = {}  # pid → (request id, its output)
         self.pids: dict[int, int] = {}  # request id → pid, while the recipe runs
         self.stopping: dict[int, float] = {}  # pid → when it gets SIGKILL (inf: it has had it)
-        self.outputs: dict[int, list] = {}  # output pipe → [log path, log fd or None, whether it wrote]
+        self.outputs: dict[int, _Output] = {}  # by pipe, until the pipe's end
         self.poller = select.poll()
         self.outbox: list[str] = []  # messages for offbuild, sent together once per wake-up
         self.cwd = os.getcwd()
@@ -122,8 +133,6 @@ class _Server:
     def spawn(self, request: dict) -> None:
         if "env" in request:
             self.env = request["env"]
-        # Both ends are close-on-exec (PEP 446, like every descriptor of this process): a recipe gets
-        # the write end only as its stdout and stderr, so another recipe never holds it open.
         try:
             if request["cwd"] != self.cwd:  # posix_spawn has no chdir of its own here
                 os.chdir(request["cwd"])
@@ -131,6 +140,8 @@ class _Server:
         except OSError as error:
             self.send({"op": "error", "id": request["id"], "code": 127, "message": str(error)})
             return
+        # Both ends are close-on-exec (PEP 446, like every descriptor of this process): a recipe gets
+        # the write end only as its stdout and stderr, so another recipe never holds it open.
         output, output_writer = os.pipe()
         try:
             # posix_spawn (vfork) costs a fraction of subprocess's fork.
@@ -148,9 +159,9 @@ class _Server:
         finally:
             os.close(output_writer)
         os.set_blocking(output, False)
-        target = self.outputs[output] = [request["log"], None, False]
+        self.outputs[output] = _Output(output, request["log"])
         self.poller.register(output, select.POLLIN)
-        self.children[pid] = (request["id"], output, target)
+        self.children[pid] = (request["id"], self.outputs[output])
         self.pids[request["id"]] = pid
 
     def stop(self, request_id: int, grace: float) -> None:
@@ -172,30 +183,29 @@ class _Server:
                 pending.append(deadline)
         return max(0.0, (min(pending) - now) * 1000) if pending else None
 
-    def copy_output(self, output: int, most: int = 1 << 24) -> None:
+    def copy_output(self, output: _Output, most: int = 1 << 24) -> None:
         """Append what the pipe holds (up to `most` bytes) to its log; at its end, close both."""
-        target = self.outputs[output]
         copied = 0
         while copied < most:
             try:
-                data = os.read(output, 65536)
+                data = os.read(output.pipe, 65536)
             except BlockingIOError:
                 return
             if not data:
-                self.poller.unregister(output)
-                os.close(output)
-                if target[1] is not None:
-                    os.close(target[1])
-                del self.outputs[output]
+                self.poller.unregister(output.pipe)
+                os.close(output.pipe)
+                if output.log is not None:
+                    os.close(output.log)
+                del self.outputs[output.pipe]
                 return
             copied += len(data)
-            target[2] = True
-            if target[1] is None:
+            if output.log is None:
                 try:
-                    target[1] = os.open(target[0], _LOG_FLAGS, 0o644)
+                    output.log = os.open(output.path, _LOG_FLAGS, 0o644)
                 except OSError:  # the log folder went away: the output has nowhere to go
                     continue
-            os.write(target[1], data)
+                output.logged = True
+            os.write(output.log, data)
 
     def reap(self) -> None:
         while self.children:
@@ -205,15 +215,16 @@ class _Server:
                 return
             if pid == 0:
                 return
-            request_id, output, target = self.children.pop(pid, (None, None, None))
+            request_id, output = self.children.pop(pid, (None, None))
             if request_id is None:
                 continue
             del self.pids[request_id]
             if self.stopping.pop(pid, None) is not None:
                 _signal_group(pid, signal.SIGKILL)  # what a stopped recipe left behind goes with it
-            if output in self.outputs:  # so the log is whole when offbuild reads it
+            if output.pipe in self.outputs:  # so the log is whole when offbuild reads it
                 self.copy_output(output)
-            self.send({"op": "exit", "id": request_id, "code": os.waitstatus_to_exitcode(status), "logged": target[2]})
+            self.send({"op": "exit", "id": request_id, "code": os.waitstatus_to_exitcode(status),
+                       "logged": output.logged})
 
     def kill_all(self) -> None:
         """offbuild is gone: nobody will record these recipes, so stop them at once."""
@@ -253,7 +264,7 @@ class _Server:
                         if line.strip():
                             self.handle(json.loads(line))
                 elif fd in self.outputs:
-                    self.copy_output(fd)
+                    self.copy_output(self.outputs[fd])
             self.reap()
             timeout = self.kill_late() if self.stopping else None
             self.flush()
