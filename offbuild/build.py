@@ -260,7 +260,7 @@ class Builder:
             if not keep:
                 self._remove_output(path)
             parent = os.path.dirname(path)
-            if parent:
+            if parent and not os.path.isdir(parent):  # one stat, where makedirs would try mkdir and then stat
                 os.makedirs(parent, exist_ok=True)
 
     def _complete(self, name: str, decision: Decision, result: RecipeResult) -> bool:
@@ -434,11 +434,17 @@ def _same_record(a, b) -> bool:
 
 
 def remove_path(path: str) -> None:
-    """Delete a file, a link (never its target) or a directory tree; already gone is fine."""
+    """Delete a file, a link (never its target) or a directory tree; already gone is fine.
+
+    `unlink` first: most paths are files or not there at all, and while recipes create files in the
+    same folder, asking whether a missing name is a directory waits on that folder's lock (tens of
+    microseconds per job in a big build)."""
     try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except (IsADirectoryError, PermissionError):  # a directory (macOS says EPERM), or truly not ours to delete
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
+            raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import signal
@@ -69,10 +70,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def run() -> None:
+    """The `offbuild` command: `main`, then exit without the interpreter's teardown, which would
+    free a big build's millions of objects one by one (a tenth of a second at 10,000 stages).
+    Everything offbuild writes is closed by then; an unexpected error still exits the usual way."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # the reader went away (`offbuild --list | head`)
+        pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `offbuild` command; returns the exit code."""
     args = make_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    collecting = gc.isenabled()
+    if not args.watch:
+        # A build's millions of small objects (model, graph, records) live until it ends, and it makes
+        # next to no cyclic garbage: the collector's walks over them cost a fifth of loading a big
+        # Pipefile. Watch mode, which lives on, keeps the collector.
+        gc.disable()
+    try:
+        return _main(args)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _main(args) -> int:
     start = os.getcwd()
     args.invocation_dir = start  # error messages name files relative to where the user stands
     try:

@@ -1,9 +1,19 @@
 """The pipeline model: frozen values produced by the loaders, consumed by everything else."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 
 
+def _pickled_as_arguments(cls):
+    """Pickle as `cls(*fields)`: the default for slotted dataclasses looks the fields up again for
+    every object, which made a 10,000-stage pipeline (80,000 objects) take 0.3 s each way."""
+    values = attrgetter(*(item.name for item in fields(cls)))
+    cls.__reduce__ = lambda self: (cls, values(self))
+    return cls
+
+
+@_pickled_as_arguments
 @dataclass(frozen=True, slots=True)
 class Location:
     """A place in a Pipefile: file as shown to the user, 1-based line and column."""
@@ -27,6 +37,7 @@ class Location:
 JOB_VARIABLES = ("in", "out", "stage", "stem")
 
 
+@_pickled_as_arguments
 @dataclass(frozen=True, slots=True)
 class JobVar:
     """A reference to a per-job variable (`$in`, `$out3`, `$stem`...) left in a recipe template."""
@@ -35,6 +46,7 @@ class JobVar:
     location: Location
 
 
+@_pickled_as_arguments
 @dataclass(frozen=True, slots=True)
 class PathSpec:
     """One word of an `in:` or `out:` field after variable expansion: a path, glob or pattern."""
@@ -51,6 +63,7 @@ class PathSpec:
         return any(c in self.text for c in "*?[")
 
 
+@_pickled_as_arguments
 @dataclass(frozen=True, slots=True)
 class Stage:
     """One `stage NAME:` block, variables expanded except the per-job ones in `recipe`."""
@@ -79,6 +92,7 @@ class Stage:
         return next((spec for spec in self.inputs if spec.is_pattern), None)
 
 
+@_pickled_as_arguments
 @dataclass(frozen=True, slots=True)
 class Pipeline:
     """A loaded Pipefile: stages in declaration order, pools, the default targets."""
@@ -92,6 +106,7 @@ class Pipeline:
     source_stats: tuple[tuple[str, int, int, int, int, int], ...] = ()
 
 
+@_pickled_as_arguments
 @dataclass(frozen=True, slots=True)
 class Job:
     """One concrete unit of work: a stage, or one stem of a pattern stage."""

@@ -26,11 +26,13 @@ class RemoteProcess:
         self._spawner = spawner
         self._id = request_id
         self._on_exit = on_exit
-        self._done = threading.Event()
+        # Held until the recipe ends: a bare lock is a fraction of an Event's cost, per recipe.
+        self._pending = threading.Lock()
+        self._pending.acquire()
 
     def _exited(self, code: int, error: str = "") -> None:
         self.returncode, self.error = code, error
-        self._done.set()
+        self._pending.release()
         on_exit, self._on_exit = self._on_exit, None  # it refers back to its owner: no cycle for the collector
         if on_exit is not None:
             try:
@@ -45,8 +47,9 @@ class RemoteProcess:
             self._spawner._send({"op": "stop", "id": self._id, "grace": grace})
 
     def wait(self, timeout: float | None = None) -> int:
-        if not self._done.wait(timeout):
+        if not self._pending.acquire(timeout=-1 if timeout is None else timeout):
             raise subprocess.TimeoutExpired("recipe", timeout)
+        self._pending.release()  # for any other waiter
         return self.returncode  # type: ignore[return-value]
 
 

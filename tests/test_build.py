@@ -575,3 +575,19 @@ def test_a_missing_or_unrunnable_command_fails_as_in_a_shell(project):
     assert "no-such-program-here: command not found" in result.stdout
     assert "./not-executable: permission denied" in result.stdout
     assert "command not found" in project.read(".offbuild/logs/missing.log")
+
+
+def test_remove_path_deletes_files_trees_and_links_but_never_a_links_target(tmp_path):
+    from offbuild.build import remove_path
+
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "tree" / "deep").mkdir(parents=True)
+    (tmp_path / "tree" / "deep" / "leaf.txt").write_text("x")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "inside.txt").write_text("x")
+    os.symlink(tmp_path / "kept", tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for name in ("file.txt", "tree", "link", "dangling", "never-there"):
+        remove_path(str(tmp_path / name))
+    assert sorted(os.listdir(tmp_path)) == ["kept"]
+    assert (tmp_path / "kept" / "inside.txt").read_text() == "x"
