@@ -9,6 +9,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from .errors import LoadError, did_you_mean
+from .lexer import PipefileLexer, Unsupported
 from .fields import StageBuilder, Text, source_stat, check_overrides, check_variable_name, expand_string, parse_int
 from .model import Location, PathSpec, Pipeline, Stage
 
@@ -67,10 +68,20 @@ class IndentationLexer:
             yield Token("_DEDENT", "")
 
 
+def _grammar() -> str:
+    return (Path(__file__).parent / "grammar.lark").read_text()
+
+
 @functools.cache
 def _lark() -> Lark:
-    grammar = (Path(__file__).parent / "grammar.lark").read_text()
-    return Lark(grammar, parser="lalr", lexer="contextual", postlex=IndentationLexer(),
+    """The parser as normally used: lark's LALR parser fed by the fast `PipefileLexer`."""
+    return Lark(_grammar(), parser="lalr", lexer=PipefileLexer, maybe_placeholders=False)
+
+
+@functools.cache
+def _contextual_lark() -> Lark:
+    """The same parser with lark's contextual lexer: the reference, and the source of every syntax error."""
+    return Lark(_grammar(), parser="lalr", lexer="contextual", postlex=IndentationLexer(),
                 maybe_placeholders=False)
 
 
@@ -82,6 +93,10 @@ def parse_tree(text: str, origin: Location | str) -> Tree:
         text += "\n"
     try:
         return _lark().parse(text)
+    except (Unsupported, UnexpectedInput):
+        pass  # parse again below, so the error (or the tree) is exactly the contextual lexer's
+    try:
+        return _contextual_lark().parse(text)
     except UnexpectedInput as error:
         raise _syntax_error(error, origin) from None
 
