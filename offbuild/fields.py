@@ -19,6 +19,7 @@ _WORD = re.compile(r"\S+")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _JOB_VARIABLE = re.compile(r"(?:in|out)\d*\Z|stage\Z|stem\Z")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\Z")
+_PATH_FIELDS = {"in": "inputs", "out": "outputs", "after": "after"}  # field → Stage attribute
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -51,8 +52,16 @@ class Text:
         if "\n" in self.value or not loc.line:
             return [(m.group(), self.locate(m.start())) for m in _WORD.finditer(self.value)]
         # One line: columns are plain offsets (locate() would rescan the line for every word).
+        # str.split() splits where \S+ would (the same whitespace), and faster; a word starts with
+        # non-whitespace, so find() from the end of the previous word lands on its start.
         file, line, column, path = loc.file, loc.line, loc.column, loc.path
-        return [(m.group(), Location(file, line, column + m.start(), path)) for m in _WORD.finditer(self.value)]
+        located = []
+        offset = 0
+        for word in self.value.split():
+            offset = self.value.find(word, offset)
+            located.append((word, Location(file, line, column + offset, path)))
+            offset += len(word)
+        return located
 
 
 def expand(text: Text, variables: dict[str, str], job_variables: bool = False) -> list[str | JobVar]:
@@ -178,14 +187,17 @@ class StageBuilder:
                             field_location)
         self.seen[field] = field_location
         if field == "run":
+            if len(texts) == 1:  # a Pipefile's: expand() already merges
+                self.values["recipe"] = tuple(expand(texts[0], self.variables, True))
+                return
             parts: list[str | JobVar] = []
             for index, text in enumerate(texts):
                 parts.extend((["\n"] if index else []) + expand(text, self.variables, True))
             self.values["recipe"] = _merge(parts)  # one segmentation, however the lines were given
             return
-        if field in ("in", "out", "after"):
-            self.values[{"in": "inputs", "out": "outputs", "after": "after"}[field]] = tuple(
-                PathSpec(word, word_location) for word, word_location in self._words(texts, split_words))
+        if field in _PATH_FIELDS:
+            self.values[_PATH_FIELDS[field]] = tuple([
+                PathSpec(word, word_location) for word, word_location in self._words(texts, split_words)])
             return
         scalar = " ".join(expand_string(text, self.variables) for text in texts)
         if field == "doc":
