@@ -34,6 +34,7 @@ _ITEM = re.compile(
     r"|(?P<field>[A-Za-z_][A-Za-z0-9_-]*)[\t ]*(?P<colon>:)(?P<value>[^\n#]+)?(?:#[^\n]*)?\Z"
 )
 _TOP_TYPES = {"=": "EQUAL", ":": "COLON"}
+_new_str = str.__new__
 
 
 class Unsupported(Exception):
@@ -132,9 +133,6 @@ def _token(type_: str, text: str, span: tuple[int, int], line: int, line_start: 
     token.line = token.end_line = line
     token.column, token.end_column = start - line_start + 1, stop - line_start + 1
     return token
-
-
-_new_str = str.__new__
 
 
 def _top_level(text: str, pos: int, eol: int, line: int, line_start: int, append, shared: dict) -> None:

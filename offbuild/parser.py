@@ -9,8 +9,8 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from .errors import LoadError, did_you_mean
-from .lexer import PipefileLexer, Unsupported
 from .fields import StageBuilder, Text, source_stat, check_overrides, check_variable_name, expand_string, parse_int
+from .lexer import PipefileLexer, Unsupported
 from .model import Location, PathSpec, Pipeline, Stage
 
 _TOKEN_NAMES = {

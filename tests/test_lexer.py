@@ -9,6 +9,7 @@ pipelines, the fuzzer's valid and damaged Pipefiles, and random lines made of th
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 import textwrap
@@ -44,11 +45,17 @@ def _normalise(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+@functools.cache
+def _recording_lark() -> tuple[Lark, _Recorder]:
+    recorder = _Recorder()
+    return Lark(parser._grammar(), parser="lalr", lexer="contextual", postlex=recorder,
+                maybe_placeholders=False), recorder
+
+
 def _reference(text: str) -> tuple[Tree | None, list[Token]]:
     """The contextual lexer's tree (None on a syntax error) and token stream."""
-    recorder = _Recorder()
-    reference = Lark(parser._grammar(), parser="lalr", lexer="contextual", postlex=recorder,
-                     maybe_placeholders=False)
+    reference, recorder = _recording_lark()
+    recorder.seen = []
     try:
         return reference.parse(text), recorder.seen
     except UnexpectedInput:
