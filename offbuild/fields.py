@@ -15,9 +15,11 @@ STAGE_FIELDS = (
 )
 MAX_EXPANSION = 16 << 20  # bytes one field may expand to
 _REFERENCE = re.compile(r"\$(?:(\$)|\{([^}\n]*)\}|([A-Za-z_][A-Za-z0-9_]*)|(\{))")
+_WORD = re.compile(r"\S+")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _JOB_VARIABLE = re.compile(r"(?:in|out)\d*\Z|stage\Z|stem\Z")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\Z")
+_PATH_FIELDS = {"in": "inputs", "out": "outputs", "after": "after"}  # field → Stage attribute
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -42,15 +44,30 @@ class Text:
 
     def words(self) -> list["Text"]:
         """The whitespace-separated words of a one-line value, each with its own location."""
+        return [Text(word, location) for word, location in self.located_words()]
+
+    def located_words(self) -> list[tuple[str, Location]]:
+        """`words()` as (word, location) pairs, without a `Text` for each."""
         loc = self.location
         if "\n" in self.value or not loc.line:
-            return [Text(m.group(), self.locate(m.start())) for m in re.finditer(r"\S+", self.value)]
+            return [(m.group(), self.locate(m.start())) for m in _WORD.finditer(self.value)]
         # One line: columns are plain offsets (locate() would rescan the line for every word).
-        return [Text(m.group(), loc.at(loc.line, loc.column + m.start())) for m in re.finditer(r"\S+", self.value)]
+        # str.split() splits where \S+ would (the same whitespace), and faster; a word starts with
+        # non-whitespace, so find() from the end of the previous word lands on its start.
+        file, line, column, path = loc.file, loc.line, loc.column, loc.path
+        located = []
+        offset = 0
+        for word in self.value.split():
+            offset = self.value.find(word, offset)
+            located.append((word, Location(file, line, column + offset, path)))
+            offset += len(word)
+        return located
 
 
 def expand(text: Text, variables: dict[str, str], job_variables: bool = False) -> list[str | JobVar]:
     """Substitute `$NAME`, `${NAME}` and `$$`; per-job names stay as JobVar when allowed."""
+    if "$" not in text.value:  # most values: nothing to substitute (what _merge would make of it)
+        return [text.value] if text.value else []
     parts: list[str | JobVar] = []
     position = 0
     size = len(text.value)
@@ -170,14 +187,17 @@ class StageBuilder:
                             field_location)
         self.seen[field] = field_location
         if field == "run":
+            if len(texts) == 1:  # a Pipefile's: expand() already merges
+                self.values["recipe"] = tuple(expand(texts[0], self.variables, True))
+                return
             parts: list[str | JobVar] = []
             for index, text in enumerate(texts):
                 parts.extend((["\n"] if index else []) + expand(text, self.variables, True))
             self.values["recipe"] = _merge(parts)  # one segmentation, however the lines were given
             return
-        if field in ("in", "out", "after"):
-            self.values[{"in": "inputs", "out": "outputs", "after": "after"}[field]] = tuple(
-                PathSpec(word, word_location) for word, word_location in self._words(texts, split_words))
+        if field in _PATH_FIELDS:
+            self.values[_PATH_FIELDS[field]] = tuple([
+                PathSpec(word, word_location) for word, word_location in self._words(texts, split_words)])
             return
         scalar = " ".join(expand_string(text, self.variables) for text in texts)
         if field == "doc":
@@ -208,6 +228,9 @@ class StageBuilder:
     def _words(self, texts: list[Text], split_words: bool):
         """(word, location) pairs after expansion; a variable holding several words gives several."""
         for text in texts:
+            if split_words and "$" not in text.value:
+                yield from text.located_words()  # nothing to expand: each word is one piece
+                continue
             for word in (text.words() if split_words else [text]):
                 expanded = expand_string(word, self.variables)
                 for piece in (expanded.split() if split_words else [expanded]):

@@ -60,7 +60,7 @@ class PathSpec:
 
     @property
     def is_glob(self) -> bool:
-        return any(c in self.text for c in "*?[")
+        return "*" in self.text or "?" in self.text or "[" in self.text
 
 
 @_pickled_as_arguments

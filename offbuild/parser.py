@@ -10,6 +10,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from .errors import LoadError, did_you_mean
 from .fields import StageBuilder, Text, source_stat, check_overrides, check_variable_name, expand_string, parse_int
+from .lexer import PipefileLexer, Unsupported
 from .model import Location, PathSpec, Pipeline, Stage
 
 _TOKEN_NAMES = {
@@ -67,10 +68,20 @@ class IndentationLexer:
             yield Token("_DEDENT", "")
 
 
+def _grammar() -> str:
+    return (Path(__file__).parent / "grammar.lark").read_text()
+
+
 @functools.cache
 def _lark() -> Lark:
-    grammar = (Path(__file__).parent / "grammar.lark").read_text()
-    return Lark(grammar, parser="lalr", lexer="contextual", postlex=IndentationLexer(),
+    """The parser as normally used: lark's LALR parser fed by the fast `PipefileLexer`."""
+    return Lark(_grammar(), parser="lalr", lexer=PipefileLexer, maybe_placeholders=False)
+
+
+@functools.cache
+def _contextual_lark() -> Lark:
+    """The same parser with lark's contextual lexer: the reference, and the source of every syntax error."""
+    return Lark(_grammar(), parser="lalr", lexer="contextual", postlex=IndentationLexer(),
                 maybe_placeholders=False)
 
 
@@ -82,6 +93,10 @@ def parse_tree(text: str, origin: Location | str) -> Tree:
         text += "\n"
     try:
         return _lark().parse(text)
+    except (Unsupported, UnexpectedInput):
+        pass  # parse again below, so the error (or the tree) is exactly the contextual lexer's
+    try:
+        return _contextual_lark().parse(text)
     except UnexpectedInput as error:
         raise _syntax_error(error, origin) from None
 
@@ -175,9 +190,10 @@ class _FileLoader:
     def _text(self, token: Token | None, origin: Location, after: Token) -> Text:
         if token is None:
             return Text("", origin.at(after.end_line, after.end_column))
-        stripped = token.value.lstrip()
-        column = token.column + len(token.value) - len(stripped)
-        return Text(stripped.rstrip(), origin.at(token.line, column))
+        value = token.value
+        stripped = value.lstrip()
+        column = token.column + len(value) - len(stripped)
+        return Text(stripped.rstrip(), Location(origin.file, token.line, column, origin.path))
 
     def _var_def(self, node: Tree, origin: Location, *_):
         name, value = node.children[0], (node.children[1] if len(node.children) > 1 else None)
@@ -226,13 +242,13 @@ class _FileLoader:
         builder = StageBuilder(name, location, self.variables, self.pools)
         for item in node.children[1:]:
             field_token = item.children[0]
-            if item.data == "run_field":
+            field_location = Location(origin.file, field_token.line, field_token.column, origin.path)
+            if field_token.type == "RUN":  # a run_field; FIELD is never `run`
                 text = self._recipe(item, origin, lines)
+                builder.add("run", [text] if text.value else [], field_location)
             else:
-                value = item.children[1] if len(item.children) > 1 else None
-                text = self._text(value, origin, item.children[0])
-            field_location = origin.at(field_token.line, field_token.column)
-            builder.add(str(field_token), [text] if text.value or str(field_token) != "run" else [], field_location)
+                text = self._text(item.children[1] if len(item.children) > 1 else None, origin, field_token)
+                builder.add(field_token.value, [text], field_location)
         self.stages.append(builder.build())
 
     def _recipe(self, item: Tree, origin: Location, lines: list[str]) -> Text:
