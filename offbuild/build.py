@@ -130,6 +130,8 @@ class Builder:
             for future, (name, phase, decision) in self._running.items():
                 if phase == "run":
                     result = future.result()
+                    if not result.started:  # withdrawn before it ran: it stays "blocked"
+                        continue
                     result.interrupted = True
                     self._fail(Outcome(name, "interrupted", decision, result))
                 elif phase == "restore":
@@ -150,7 +152,9 @@ class Builder:
 
     def _start_ready_jobs(self) -> None:
         index = 0
-        while not self._stop and index < len(self._ready) and len(self._running) < self.max_jobs:
+        # Up to `ahead` more than -j: the executor holds them until a slot frees (see LocalExecutor).
+        in_flight = self.max_jobs + self.executor.ahead
+        while not self._stop and index < len(self._ready) and len(self._running) < in_flight:
             name = self._ready[index]
             job = self.graph.jobs[name]
             limit = self.graph.pools.get(job.stage.pool) if job.stage.pool else None
@@ -192,7 +196,7 @@ class Builder:
         if missing:
             self._leave(name)
             self._fail(Outcome(name, "failed", decision, error=f"input '{missing[0]}' is missing"))
-            self._stop = not self.keep_going
+            self._halt_unless_keep_going()
             return
         if self.cache is not None and not self.planner.force and self.cache.why_not(job) is None:
             self._prepare_outputs(job, keep=False)
@@ -226,10 +230,23 @@ class Builder:
             else:  # not in the cache, or not intact: run the recipe after all
                 self._start_recipe(name, decision)
             return
-        ok = self._complete(name, decision, future.result())
+        result = future.result()
+        if not result.started:  # withdrawn before it ran: it stays "blocked"
+            self._leave(name)
+            return
+        ok = self._complete(name, decision, result)
         self._leave(name)
         if not ok:
-            self._stop = self._stop or not self.keep_going
+            self._halt_unless_keep_going()
+
+    def _halt_unless_keep_going(self) -> None:
+        """After a failure: without -k, start nothing more and withdraw what waits for a slot; with
+        -k, let it start (the failed recipe held it back)."""
+        if self.keep_going:
+            self.executor.resume()
+        elif not self._stop:
+            self._stop = True
+            self.executor.withdraw()
 
     def _leave(self, name: str) -> None:
         """The job no longer occupies its pool slot or its lock."""

@@ -47,6 +47,7 @@ class DaskExecutor:
         self.offline = offline
         self.warn = warn
         self.stopping = threading.Event()
+        self.ahead = 0  # the cluster's own scheduler queues; handing it more than -j would defeat -j
         self._token = uuid.uuid4().hex[:12]  # names this executor's tasks and its stop event on the cluster
         self._serial = itertools.count()  # watch mode runs a job again with the same executor: keys stay unique
         self._lock = threading.Lock()
@@ -74,6 +75,12 @@ class DaskExecutor:
     def run(self, job: Job) -> RecipeResult:
         log_path = log_path_for(self.log_dir, job.name)
         return run_with_retries(job, log_path, lambda number: self._attempt(job, number, log_path), self.stopping)
+
+    def withdraw(self) -> None:
+        """Nothing waits here for a slot: the Builder hands over no more than -j recipes."""
+
+    def resume(self) -> None:
+        """Nothing is held back after a failure here."""
 
     def interrupt(self) -> None:
         """Tell every worker to stop this build's recipes (SIGTERM to their groups, SIGKILL after the grace)."""

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from .errors import OffbuildError
 from .model import Job
-from .sandbox import Spawner, SpawnerGone
+from .sandbox import JobSlots, Spawner, SpawnerGone
 
 KILL_GRACE_SECONDS = 5.0
 TIMEOUT_EXIT_CODE = 124
@@ -48,6 +48,7 @@ class RecipeResult:
     worker: str | None = None  # the Dask worker that ran the last attempt
     error: str = ""  # the last attempt's error, if it could not run or finish
     logged: bool = True  # False: nothing was written to the log, so there is none to read
+    started: bool = True  # False: withdrawn before its first attempt started (it never ran)
 
     @property
     def ok(self) -> bool:
@@ -93,8 +94,16 @@ class Executor(Protocol):
     warn: Callable[[str], None]
     stopping: threading.Event
 
+    ahead: int  # how many recipes beyond -j it may be handed: they wait for a slot, and start as one frees
+
     def submit(self, job: Job) -> Future[RecipeResult]:
         """Start the job's recipe (with its retries); the future holds how it ended."""
+
+    def withdraw(self) -> None:
+        """Drop the handed-over recipes that have not started (their results say `started=False`)."""
+
+    def resume(self) -> None:
+        """Go on after a failure (-k): a failed recipe holds back the handed-over ones until then."""
 
     def interrupt(self) -> None:
         """Stop every running recipe; their futures complete soon after, marked interrupted."""
@@ -224,9 +233,14 @@ class LocalExecutor:
     """
 
     def __init__(self, root: str, state_dir: str, run_id: str, environ: dict[str, str] | None = None,
-                 offline: str = "auto", warn=lambda text: None, spawner_factory=Spawner):
+                 offline: str = "auto", warn=lambda text: None, spawner_factory=Spawner, slots: int | None = None):
         self.root = root
         self.spawner_factory = spawner_factory  # tests pass a fake that cannot isolate
+        # With `slots` (-j), the spawners themselves keep to that many recipes at once, so the
+        # Builder can hand over as many again: each starts the moment a recipe ends, without waiting
+        # for offbuild to hear of that end, do its bookkeeping and answer.
+        self._slots = JobSlots(slots) if slots else None
+        self.ahead = slots or 0
         self.state_dir = state_dir
         self.log_dir = os.path.join(state_dir, "logs")
         self.checkpoint_dir = os.path.join(state_dir, "checkpoints")
@@ -261,7 +275,7 @@ class LocalExecutor:
     def _started_spawner(self, isolate: bool) -> Spawner:
         with self._lock:
             if isolate not in self._spawners:
-                spawner = self.spawner_factory(isolate)
+                spawner = self.spawner_factory(isolate, self._slots)
                 if isolate and not spawner.isolated:
                     self.isolation_failure = spawner.reason
                     if self.offline == "strict":
@@ -295,10 +309,11 @@ class LocalExecutor:
         return not job.stage.network and self.offline != "off" and self.isolation_failure is None
 
     def close(self) -> None:
-        with self._lock:  # a spawner `warm_up` is starting is registered once it has started
-            spawners = list(self._spawners.values())
-        for spawner in spawners:
+        for spawner in self._spawner_list():  # a spawner `warm_up` is starting is listed once it has started
             spawner.close()
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
 
     def checkpoint_path(self, job: Job) -> str:
         return checkpoint_path_for(self.state_dir, job.name)
@@ -313,6 +328,18 @@ class LocalExecutor:
     def run(self, job: Job) -> RecipeResult:
         """Run the recipe, retrying as the stage allows; blocks until it ends."""
         return self.submit(job).result()
+
+    def withdraw(self) -> None:
+        for spawner in self._spawner_list():
+            spawner.withdraw()
+
+    def resume(self) -> None:
+        for spawner in self._spawner_list():
+            spawner.resume()
+
+    def _spawner_list(self) -> list[Spawner]:
+        with self._lock:
+            return list(self._spawners.values())
 
     def interrupt(self) -> None:
         """Stop every running recipe's process group (SIGTERM, then SIGKILL after a grace) and
@@ -329,9 +356,9 @@ class _LocalRun:
     timers) rather than by a thread of its own: a build of 10,000 short recipes would otherwise
     spend as much on thread hand-offs as on the recipes.
 
-    `timer` is the running attempt's timeout, or the wait before the next attempt (`waiting`);
-    both are read and changed under the executor's lock, so an interrupt, a timer and an exit
-    racing each other end the run exactly once."""
+    The spawner times the attempt out itself, from when it really starts. `timer` is the wait
+    before the next attempt (`waiting`); both are read and changed under the executor's lock, so
+    an interrupt, a timer and an exit racing each other end the run exactly once."""
 
     def __init__(self, executor: LocalExecutor, job: Job):
         self.executor = executor
@@ -341,11 +368,10 @@ class _LocalRun:
         self.attempts: list[Attempt] = []
         self.started = time.monotonic()
         self.number = 0
-        self.attempt_started = 0.0
         self.process = None
+        self.spawner: Spawner | None = None
         self.timer: threading.Timer | None = None
         self.waiting = False
-        self.timed_out = False
         self.logged = False  # whether the log got anything: the recipe's output or offbuild's notes
 
     def begin(self) -> None:
@@ -368,8 +394,8 @@ class _LocalRun:
         variables = recipe_variables(job, executor.run_id, number,
                                      executor.checkpoint_path(job) if job.stage.checkpoint else None)
         variables.update(shell_variables)
-        spawner = executor.spawner(isolate=not job.stage.network)
-        self.number, self.attempt_started, self.timed_out = number, time.monotonic(), False
+        spawner = self.spawner = executor.spawner(isolate=not job.stage.network)
+        self.number = number
         with executor._lock:
             stopping = executor.stopping.is_set()
             if not stopping:
@@ -378,8 +404,8 @@ class _LocalRun:
             self._attempt_ended(Attempt(number, 130, 0.0))
             return
         try:  # not under the lock: writing to a busy spawner may block
-            process = spawner.start(argv, executor.root, executor.environ,
-                                    os.path.abspath(self.log_path), self._exited, variables)
+            process = spawner.start(argv, executor.root, executor.environ, os.path.abspath(self.log_path),
+                                    self._exited, variables, job.stage.timeout, KILL_GRACE_SECONDS)
         except SpawnerGone as error:
             self._note(f"offbuild: cannot start the recipe: {error}\n")
             self._attempt_ended(Attempt(number, 127, 0.0, error=str(error)))
@@ -387,8 +413,6 @@ class _LocalRun:
         with executor._lock:
             if process.returncode is None:  # else it has ended already, and `_exited` has run or will
                 self.process = process
-                if job.stage.timeout is not None:
-                    self.timer = _daemon_timer(job.stage.timeout, self._guarded, self._time_out)
             missed_interrupt = executor.stopping.is_set()
         if missed_interrupt:  # `interrupt` came while it was starting, and found no process to stop
             process.stop(KILL_GRACE_SECONDS)
@@ -404,20 +428,35 @@ class _LocalRun:
             raise
 
     def _exited(self, process) -> None:
-        """On the spawner's reader thread: the attempt ended (or could not start: `error`)."""
-        self._guarded(self._attempt_exited, process.returncode, process.error, process.logged)
+        """On the spawner's reader thread: the attempt ended, could not start (`error`) or was
+        dropped before it started."""
+        self._guarded(self._attempt_exited, process)
 
-    def _attempt_exited(self, code: int, error: str, logged: bool) -> None:
+    def _attempt_exited(self, process) -> None:
         with self.executor._lock:
-            timer, self.timer = self.timer, None
-            timed_out = self.timed_out
-            self.logged = self.logged or logged
-        if timer is not None:
-            timer.cancel()
-        if error:
-            self._note(f"offbuild: cannot run the recipe: {error}\n")
-        self._attempt_ended(Attempt(self.number, exit_code_of(code, timed_out),
-                                    time.monotonic() - self.attempt_started, timed_out, error=error))
+            self.process = None
+            self.logged = self.logged or process.logged
+        if process.dropped:
+            self._dropped()
+            return
+        if self.number == 1:  # the run's time counts from its real start, not from a wait for a slot
+            self.started = time.monotonic() - process.seconds
+        if process.timed_out:
+            self._note(timeout_note(self.job.stage.timeout))
+        if process.error:
+            self._note(f"offbuild: cannot run the recipe: {process.error}\n")
+        self._attempt_ended(Attempt(self.number, exit_code_of(process.returncode, process.timed_out),
+                                    process.seconds, process.timed_out, error=process.error))
+
+    def _dropped(self) -> None:
+        """The attempt was withdrawn before it started: the run ends with the attempts it had."""
+        with self.executor._lock:
+            self.executor._running.pop(self.job.name, None)
+        if self.attempts:
+            self._finish()
+        else:
+            self.future.set_result(RecipeResult(-1, 0.0, self.log_path, [], self.executor.stopping.is_set(),
+                                                logged=self.logged, started=False))
 
     def _attempt_ended(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
@@ -425,6 +464,7 @@ class _LocalRun:
         delay = retry_delay(self.job.stage, attempt, executor.stopping)
         if delay is not None:
             self._note(retry_note(attempt, delay))
+            self.spawner.resume()  # a failure that will be retried holds nobody back
         with executor._lock:
             if delay is not None and not executor.stopping.is_set():
                 self.waiting = True
@@ -442,16 +482,6 @@ class _LocalRun:
         self.future.set_result(RecipeResult(last.exit_code, time.monotonic() - self.started, self.log_path,
                                             self.attempts, self.executor.stopping.is_set(), error=last.error,
                                             logged=self.logged))
-
-    def _time_out(self) -> None:
-        """On the timeout's own thread: stop the attempt's whole process group."""
-        with self.executor._lock:
-            if self.timer is not threading.current_thread():  # the attempt ended meanwhile
-                return
-            self.timed_out = True
-            process = self.process
-        self._note(timeout_note(self.job.stage.timeout))
-        process.stop(KILL_GRACE_SECONDS)
 
     def stop(self) -> None:
         """For `interrupt`: end the running attempt, or the wait for the next one."""

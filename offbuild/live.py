@@ -105,7 +105,9 @@ class LiveReporter:
         """The live part: a bar with counts, times and ETA, then the running jobs."""
         with self._lock:
             now = self.clock()
-            running = sorted(self.running.items(), key=lambda item: item[1])
+            # The executor may hold up to -j more, each waiting for a slot (see LocalExecutor); slots
+            # free in the order recipes were handed over, so the oldest -j are the ones running.
+            running = sorted(self.running.items(), key=lambda item: item[1])[:self.parallel]
             done, eta = self.done, self.eta(now)
             expected = dict(self.expected)
         head = Table.grid(padding=(0, 1))

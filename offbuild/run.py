@@ -101,7 +101,7 @@ def show_dry_run(project, order: list[str], force: bool, presumed_done: int = 0)
 def make_executor(args, run_id: str, warn=lambda text: None) -> Executor:
     """The executor `--executor` names: local processes, or a Dask cluster (dask imported only then)."""
     if getattr(args, "executor", "local") != "dask":
-        return LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=warn)
+        return LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=warn, slots=args.jobs)
     try:
         from .dask_executor import DaskExecutor
     except ModuleNotFoundError as error:

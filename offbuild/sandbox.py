@@ -23,6 +23,9 @@ class RemoteProcess:
         self.returncode: int | None = None
         self.error = ""
         self.logged = False  # whether the recipe printed anything (its log exists)
+        self.seconds = 0.0  # how long it ran, from its real start (it may have waited for a slot)
+        self.timed_out = False  # the spawner stopped it at its timeout
+        self.dropped = False  # withdrawn or stopped before it started: it never ran
         self._spawner = spawner
         self._id = request_id
         self._on_exit = on_exit
@@ -42,7 +45,8 @@ class RemoteProcess:
 
     def stop(self, grace: float) -> None:
         """SIGTERM the recipe's process group, SIGKILL it `grace` seconds later if it has not ended
-        (and at once whatever it leaves behind when it does). Returns at once."""
+        (and at once whatever it leaves behind when it does); drop it if it has not started yet.
+        Returns at once."""
         if self.returncode is None:
             self._spawner._send({"op": "stop", "id": self._id, "grace": grace})
 
@@ -53,13 +57,31 @@ class RemoteProcess:
         return self.returncode  # type: ignore[return-value]
 
 
-class Spawner:
-    """One spawner process; `isolate` puts it (and every recipe it starts) in an empty network namespace."""
+class JobSlots:
+    """The pipe of `-j` job slots that a run's spawners share (see spawner.py): one byte per slot."""
 
-    def __init__(self, isolate: bool):
+    def __init__(self, count: int):
+        self.read_fd, self.write_fd = os.pipe()
+        os.write(self.write_fd, b"+" * count)
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class Spawner:
+    """One spawner process; `isolate` puts it (and every recipe it starts) in an empty network namespace.
+    With `slots`, it runs no more recipes at once than the slots allow, and holds the others until
+    one frees; without, it starts each recipe as soon as it is asked."""
+
+    def __init__(self, isolate: bool, slots: JobSlots | None = None):
+        options = ["--isolate"] if isolate else []
+        if slots is not None:
+            options += ["--slots", f"{slots.read_fd},{slots.write_fd}"]
         self.process = subprocess.Popen(
-            [sys.executable, "-S", "-m", "offbuild.spawner"] + (["--isolate"] if isolate else []),
+            [sys.executable, "-S", "-m", "offbuild.spawner"] + options,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+            pass_fds=(slots.read_fd, slots.write_fd) if slots is not None else (),
             env={**os.environ, "PYTHONPATH": _package_parent() + os.pathsep + os.environ.get("PYTHONPATH", "")})
         ready = json.loads(self.process.stdout.readline() or b'{"isolated": false, "reason": "spawner died"}')
         self.isolated: bool = ready["isolated"]
@@ -73,11 +95,11 @@ class Spawner:
         self._reader.start()
 
     def start(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str,
-              on_exit: Callable[[RemoteProcess], None] | None = None, extra: dict[str, str] | None = None
-              ) -> RemoteProcess:
+              on_exit: Callable[[RemoteProcess], None] | None = None, extra: dict[str, str] | None = None,
+              timeout: float | None = None, grace: float = 5.0) -> RemoteProcess:
         """Ask for a recipe to start in its own session with `env` plus `extra`, its output appended
-        to `log_path`. Returns at once: no round trip, recipes start while offbuild goes on. Raises
-        SpawnerGone."""
+        to `log_path`, and to be stopped (as by `stop(grace)`) if it runs `timeout` seconds. Returns
+        at once: no round trip, recipes start while offbuild goes on. Raises SpawnerGone."""
         with self._lock:
             if not self._alive:
                 raise SpawnerGone("the recipe spawner has exited")
@@ -86,6 +108,8 @@ class Spawner:
             process = self._running[request_id] = RemoteProcess(self, request_id, on_exit)
             message = {"op": "spawn", "id": request_id, "argv": argv, "cwd": cwd, "log": log_path,
                        "extra": extra or {}}
+            if timeout is not None:
+                message["timeout"], message["grace"] = timeout, grace
             # Recipes share one environment but for their OFFBUILD_* values (`extra`): it goes once.
             if env != self._env_sent:
                 message["env"] = self._env_sent = dict(env)
@@ -95,6 +119,14 @@ class Spawner:
                 del self._running[request_id]
                 raise
         return process
+
+    def withdraw(self) -> None:
+        """Drop every recipe still waiting for a slot; each reports `dropped`."""
+        self._send({"op": "withdraw"})
+
+    def resume(self) -> None:
+        """Let waiting recipes start again: a failed one holds them back (see spawner.py)."""
+        self._send({"op": "resume"})
 
     def _send(self, message: dict) -> None:
         with self._lock:
@@ -118,8 +150,12 @@ class Spawner:
             # atomic. Taking the lock here could wait for a writer that waits for this very reader.
             process = self._running.pop(message["id"])
             if message["op"] == "exit":
-                process.logged = message["logged"]
+                process.logged, process.seconds = message["logged"], message.get("seconds", 0.0)
+                process.timed_out = message.get("timed_out", False)
                 process._exited(message["code"])
+            elif message["op"] == "dropped":
+                process.dropped = True
+                process._exited(-1)
             else:  # "error": it could not start
                 process._exited(message["code"], message["message"])
         with self._lock:  # the spawner died: nothing it started will report again

@@ -13,16 +13,31 @@ Before reporting an exit the spawner writes out what is left in the pipe.
 Stopping a recipe is the spawner's job too: it alone knows whether the recipe's process still
 exists, so a signal never reaches a reused pid.
 
+Job slots: with `--slots R,W` (the two ends of a pipe holding one byte per `-j` slot, as GNU make's
+jobserver) a recipe starts only once its spawner has taken a byte, and gives it back when the recipe
+ends. offbuild may then hand over more recipes than may run at once: they wait here, in order, and
+each starts the moment a slot frees, without a round trip through offbuild. A recipe that fails
+(or cannot start) holds the waiting ones back until offbuild says what follows: `resume` (a retry,
+or -k) or `withdraw` (the build stops), so nothing new starts after a failure that stops the build. Both of a run's spawners
+(isolated and networked) share the one pipe, so `-j` holds across them. A recipe's timeout is
+counted here too, from the moment it really starts.
+
 Protocol (one JSON object per line):
   spawner → offbuild  {"op": "ready", "isolated": bool, "reason": str}
   offbuild → spawner  {"op": "spawn", "id": N, "argv": [...], "cwd": str, "log": path,
                        "env": {...} (the base environment: the first time, and when it changes),
-                       "extra": {...} (this recipe's own variables, on top of the base)}
+                       "extra": {...} (this recipe's own variables, on top of the base),
+                       "timeout": seconds (optional; then stopped as below, with "grace")}
                       {"op": "stop", "id": N, "grace": seconds}: SIGTERM to the recipe's process group,
                        SIGKILL after the grace if the recipe has not ended, and at once to whatever it
-                       leaves behind in its group when it does
-  spawner → offbuild  {"op": "exit", "id": N, "code": C, "logged": whether it printed anything}
+                       leaves behind in its group when it does; a recipe still waiting for a slot is
+                       dropped
+                      {"op": "withdraw"}: drop every recipe still waiting for a slot
+                      {"op": "resume"}: start waiting recipes again after a failure
+  spawner → offbuild  {"op": "exit", "id": N, "code": C, "logged": whether it printed anything,
+                       "seconds": how long it ran, "timed_out": bool}
                       | {"op": "error", "id": N, "code": 126 or 127, "message": str} (it could not start)
+                      | {"op": "dropped", "id": N} (it never started)
 """
 from __future__ import annotations
 
@@ -37,6 +52,7 @@ import socket
 import struct
 import sys
 import time
+from collections import deque
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -87,9 +103,45 @@ class _Output:
         self.logged = False  # whether the log was created (the recipe printed something)
 
 
+class _Child:
+    """A running recipe: its request's id, output, start, and what ends it if it runs too long."""
+
+    __slots__ = ("request_id", "output", "started", "deadline", "grace", "timed_out")
+
+    def __init__(self, request: dict, output: _Output):
+        self.request_id, self.output = request["id"], output
+        self.started = time.monotonic()
+        timeout = request.get("timeout")
+        self.deadline = math.inf if timeout is None else self.started + timeout
+        self.grace = request.get("grace", 5.0)
+        self.timed_out = False
+
+
+class _Slots:
+    """The shared pipe of job slots (see the module's docstring); None in `_Server` when unlimited."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        for fd in (read_fd, write_fd):
+            os.set_inheritable(fd, False)  # this process's own: no recipe may hold or take a slot
+        os.set_blocking(read_fd, False)
+        self.read_fd, self.write_fd = read_fd, write_fd
+
+    def take(self) -> bool:
+        try:
+            return os.read(self.read_fd, 1) != b""
+        except BlockingIOError:  # all in use (or the other spawner took the one that was free)
+            return False
+
+    def give_back(self) -> None:
+        os.write(self.write_fd, b"+")
+
+
 class _Server:
-    def __init__(self):
-        self.children: dict[int, tuple[int, _Output]] = {}  # pid → (request id, its output)
+    def __init__(self, slots: _Slots | None = None):
+        self.slots = slots
+        self.waiting: deque[dict] = deque()  # spawn requests waiting for a slot, in order
+        self.held = False  # a recipe failed: the waiting ones wait for offbuild's word
+        self.children: dict[int, _Child] = {}  # pid → the running recipe
         self.pids: dict[int, int] = {}  # request id → pid, while the recipe runs
         self.stopping: dict[int, float] = {}  # pid → when it gets SIGKILL (inf: it has had it)
         self.outputs: dict[int, _Output] = {}  # by pipe, until the pipe's end
@@ -99,10 +151,10 @@ class _Server:
         self.env: dict[str, str] = {}
         self._programs: dict[tuple[str, str], str] = {}
 
-    def program(self, name: str) -> str:
+    def program(self, name: str, env: dict[str, str]) -> str:
         """The file `name` runs, found on PATH once: `posix_spawnp` would try every PATH entry before
         it for every recipe (a dozen failed `execve`s each with a long PATH)."""
-        search = self.env.get("PATH", os.defpath)
+        search = env.get("PATH", os.defpath)
         found = self._programs.get((name, search))
         if found is None:
             found = name
@@ -126,26 +178,41 @@ class _Server:
 
     def handle(self, request: dict) -> None:
         if request["op"] == "spawn":
-            self.spawn(request)
+            if "env" in request:  # the base environment from now on, for this request and later ones
+                self.env = request["env"]
+            request["env"] = self.env
+            self.waiting.append(request)
         elif request["op"] == "stop":
             self.stop(request["id"], request["grace"])
+        elif request["op"] == "withdraw":
+            while self.waiting:
+                self.send({"op": "dropped", "id": self.waiting.popleft()["id"]})
+        elif request["op"] == "resume":
+            self.held = False
 
-    def spawn(self, request: dict) -> None:
-        if "env" in request:
-            self.env = request["env"]
+    def start_waiting(self) -> None:
+        """Start waiting recipes while there are free slots."""
+        while self.waiting and not self.held and (self.slots is None or self.slots.take()):
+            if not self.spawn(self.waiting.popleft()) and self.slots is not None:
+                self.slots.give_back()
+                self.held = True
+
+    def spawn(self, request: dict) -> bool:
+        """Start one recipe; False when it could not start (said to offbuild as an error)."""
         try:
             if request["cwd"] != self.cwd:  # posix_spawn has no chdir of its own here
                 os.chdir(request["cwd"])
                 self.cwd = request["cwd"]
         except OSError as error:
             self.send({"op": "error", "id": request["id"], "code": 127, "message": str(error)})
-            return
+            return False
         # Both ends are close-on-exec (PEP 446, like every descriptor of this process): a recipe gets
         # the write end only as its stdout and stderr, so another recipe never holds it open.
         output, output_writer = os.pipe()
         try:
             # posix_spawn (vfork) costs a fraction of subprocess's fork.
-            pid = os.posix_spawn(self.program(request["argv"][0]), request["argv"], {**self.env, **request["extra"]},
+            pid = os.posix_spawn(self.program(request["argv"][0], request["env"]), request["argv"],
+                                 {**request["env"], **request["extra"]},
                                  setsid=True, setsigdef=_DEFAULT_SIGNALS, file_actions=[
                                      (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                      (os.POSIX_SPAWN_DUP2, output_writer, 1),
@@ -155,26 +222,40 @@ class _Server:
             found = not isinstance(error, FileNotFoundError)
             self.send({"op": "error", "id": request["id"], "code": 126 if found else 127,
                        "message": f"{request['argv'][0]}: {error.strerror.lower() if found else 'command not found'}"})
-            return
+            return False
         finally:
             os.close(output_writer)
         os.set_blocking(output, False)
         self.outputs[output] = _Output(output, request["log"])
         self.poller.register(output, select.POLLIN)
-        self.children[pid] = (request["id"], self.outputs[output])
+        self.children[pid] = _Child(request, self.outputs[output])
         self.pids[request["id"]] = pid
+        return True
 
     def stop(self, request_id: int, grace: float) -> None:
         pid = self.pids.get(request_id)
-        if pid is None or pid in self.stopping:  # it has ended, or is being stopped already
+        if pid is None:
+            for request in self.waiting:  # not started yet: it never will
+                if request["id"] == request_id:
+                    self.waiting.remove(request)
+                    self.send({"op": "dropped", "id": request_id})
+                    break
             return
-        _signal_group(pid, signal.SIGTERM)
-        self.stopping[pid] = time.monotonic() + grace
+        if pid not in self.stopping:  # else it is being stopped already
+            _signal_group(pid, signal.SIGTERM)
+            self.stopping[pid] = time.monotonic() + grace
 
-    def kill_late(self) -> float | None:
-        """SIGKILL the groups whose grace is over; milliseconds until the next one's, if any."""
+    def watch_clocks(self) -> float | None:
+        """Stop the recipes whose timeout is over, SIGKILL the groups whose grace is over;
+        milliseconds until the next of those moments, if any."""
         now = time.monotonic()
         pending = []
+        for pid, child in self.children.items():
+            if child.deadline <= now:
+                child.deadline, child.timed_out = math.inf, True
+                self.stop(child.request_id, child.grace)
+            elif child.deadline != math.inf:
+                pending.append(child.deadline)
         for pid, deadline in self.stopping.items():
             if deadline <= now:
                 _signal_group(pid, signal.SIGKILL)
@@ -215,16 +296,20 @@ class _Server:
                 return
             if pid == 0:
                 return
-            request_id, output = self.children.pop(pid, (None, None))
-            if request_id is None:
+            child = self.children.pop(pid, None)
+            if child is None:
                 continue
-            del self.pids[request_id]
+            seconds = time.monotonic() - child.started
+            if self.slots is not None:
+                self.slots.give_back()
+                self.held = self.held or status != 0
+            del self.pids[child.request_id]
             if self.stopping.pop(pid, None) is not None:
                 _signal_group(pid, signal.SIGKILL)  # what a stopped recipe left behind goes with it
-            if output.pipe in self.outputs:  # so the log is whole when offbuild reads it
-                self.copy_output(output)
-            self.send({"op": "exit", "id": request_id, "code": os.waitstatus_to_exitcode(status),
-                       "logged": output.logged})
+            if child.output.pipe in self.outputs:  # so the log is whole when offbuild reads it
+                self.copy_output(child.output)
+            self.send({"op": "exit", "id": child.request_id, "code": os.waitstatus_to_exitcode(status),
+                       "logged": child.output.logged, "seconds": seconds, "timed_out": child.timed_out})
 
     def kill_all(self) -> None:
         """offbuild is gone: nobody will record these recipes, so stop them at once."""
@@ -240,6 +325,8 @@ class _Server:
         stdin = sys.stdin.buffer.fileno()
         self.poller.register(stdin, select.POLLIN)
         self.poller.register(wake_read, select.POLLIN)
+        if self.slots is not None:
+            self.poller.register(self.slots.read_fd, select.POLLIN)
         pending = b""
         timeout = None
         while True:
@@ -265,8 +352,12 @@ class _Server:
                             self.handle(json.loads(line))
                 elif fd in self.outputs:
                     self.copy_output(self.outputs[fd])
-            self.reap()
-            timeout = self.kill_late() if self.stopping else None
+            self.reap()  # first: the slots it frees go to the waiting recipes at once
+            self.start_waiting()
+            # Only while recipes wait does a free slot (the pipe readable) need waking up for.
+            if self.slots is not None:
+                self.poller.modify(self.slots.read_fd, select.POLLIN if self.waiting else 0)
+            timeout = self.watch_clocks()
             self.flush()
 
 
@@ -280,7 +371,11 @@ def _signal_group(pid: int, sig: int) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # offbuild decides what Ctrl-C stops
     reason = isolate_network() if "--isolate" in sys.argv else "not requested"
-    server = _Server()
+    slots = None
+    if "--slots" in sys.argv:
+        read_fd, write_fd = map(int, sys.argv[sys.argv.index("--slots") + 1].split(","))
+        slots = _Slots(read_fd, write_fd)
+    server = _Server(slots)
     try:
         server.send({"op": "ready", "isolated": not reason, "reason": reason})
         server.flush()

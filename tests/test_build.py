@@ -591,3 +591,92 @@ def test_remove_path_deletes_files_trees_and_links_but_never_a_links_target(tmp_
         remove_path(str(tmp_path / name))
     assert sorted(os.listdir(tmp_path)) == ["kept"]
     assert (tmp_path / "kept" / "inside.txt").read_text() == "x"
+
+
+def _spans(project, names):
+    """(start, end) of each stage's recipe, as it wrote them."""
+    spans = []
+    for name in names:
+        start, end = project.read(f"{name}.span").split()
+        spans.append((float(start), float(end)))
+    return spans
+
+
+def _most_at_once(spans) -> int:
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
+
+
+def test_j_caps_running_recipes_across_isolated_and_networked_stages(project):
+    # offbuild hands the spawners more recipes than -j; the shared job slots must still hold -j,
+    # across both spawners (network: true stages run through the second one).
+    names = [f"s{k}" for k in range(8)]
+    stages = "".join(f"""
+        stage {name}:
+            out: {name}.span
+            network: {"true" if k % 2 else "false"}
+            run: start=$$(date +%s.%N); sleep 0.3; echo "$$start $$(date +%s.%N)" > {name}.span
+    """ for k, name in enumerate(names))
+    project.pipefile(stages)
+    project.run("-j", "2", check=0)
+    assert _most_at_once(_spans(project, names)) == 2
+
+
+def test_a_timeout_counts_from_the_recipes_real_start_not_from_its_wait_for_a_slot(project):
+    project.pipefile("""
+        stage slow:
+            out: slow.txt
+            run: sleep 1.5; echo done > slow.txt
+        stage quick:
+            out: quick.txt
+            timeout: 1s
+            run: sleep 0.3; echo done > quick.txt
+    """)
+    record = project.build("-j", "1")
+    assert project.ran(record) == {"slow", "quick"}
+    quick = next(job for job in record["jobs"] if job["stage"] == "quick")
+    assert quick["duration"] < 1.0, "its duration is its own run, not its wait behind 'slow'"
+
+
+def test_a_retried_failure_does_not_hold_back_the_waiting_recipes(project):
+    project.pipefile("""
+        stage flaky:
+            out: flaky.txt
+            retries: 2
+            backoff: 0.1s
+            run: if [ -e tried ]; then echo ok > flaky.txt; else touch tried; exit 3; fi
+        stage after1:
+            out: a1.txt
+            run: echo 1 > a1.txt
+        stage after2:
+            out: a2.txt
+            run: echo 2 > a2.txt
+    """)
+    record = project.build("-j", "1", timeout=30)
+    assert project.ran(record) == {"flaky", "after1", "after2"}
+
+
+def test_recipes_withdrawn_before_they_start_stay_blocked_not_failed(tmp_path):
+    from offbuild.executor import LocalExecutor
+    from offbuild.model import Job, Location, Stage
+
+    def job(name: str, recipe: str) -> Job:
+        stage = Stage(name=name, location=Location("Pipefile", 1, 1), recipe=(recipe,))
+        return Job(name=name, stage=stage, inputs=(), outputs=(), recipe=recipe)
+
+    runner = LocalExecutor(str(tmp_path), str(tmp_path / ".offbuild"), "run-1", offline="off", slots=1)
+    try:
+        running = runner.submit(job("first", "sleep 5"))
+        waiting = runner.submit(job("second", "touch second.txt"))
+        time.sleep(0.5)
+        runner.interrupt()
+        first, second = running.result(timeout=10), waiting.result(timeout=10)
+    finally:
+        runner.close()
+    assert first.started and first.interrupted and first.exit_code != 0
+    assert not second.started and second.attempts == []
+    assert not (tmp_path / "second.txt").exists()

@@ -12,8 +12,8 @@ from offbuild.sandbox import Spawner
 class NoNamespaceSpawner(Spawner):
     """A real spawner that reports what a system without network namespaces reports."""
 
-    def __init__(self, isolate: bool):
-        super().__init__(False)
+    def __init__(self, isolate: bool, slots=None):
+        super().__init__(False, slots)
         if isolate:
             self.isolated, self.reason = False, "unshare failed: Operation not permitted"
 
