@@ -106,6 +106,7 @@ class Builder:
         self._completed: SimpleQueue[Future] = SimpleQueue()  # what `_running` holds, as each ends
         self._pools: Counter = Counter()
         self._stop = False
+        self.executor.resume()  # an earlier build in this process (watch mode) may have ended holding
         self._threads = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="wait")  # lock waits, cache restores
         # Stores have threads of their own, so uploading never holds up a recipe.
         self._store_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store") if self.cache else None

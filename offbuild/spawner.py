@@ -32,7 +32,8 @@ Protocol (one JSON object per line):
                        SIGKILL after the grace if the recipe has not ended, and at once to whatever it
                        leaves behind in its group when it does; a recipe still waiting for a slot is
                        dropped
-                      {"op": "withdraw"}: drop every recipe still waiting for a slot
+                      {"op": "withdraw"}: drop every recipe still waiting for a slot (and hold
+                       none back from then on)
                       {"op": "resume"}: start waiting recipes again after a failure
   spawner → offbuild  {"op": "exit", "id": N, "code": C, "logged": whether it printed anything,
                        "seconds": how long it ran, "timed_out": bool}
@@ -184,9 +185,10 @@ class _Server:
             self.waiting.append(request)
         elif request["op"] == "stop":
             self.stop(request["id"], request["grace"])
-        elif request["op"] == "withdraw":
+        elif request["op"] == "withdraw":  # the build stops: whatever comes next is a new one's
             while self.waiting:
                 self.send({"op": "dropped", "id": self.waiting.popleft()["id"]})
+            self.held = False
         elif request["op"] == "resume":
             self.held = False
 
