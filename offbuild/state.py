@@ -224,7 +224,7 @@ class StateStore:
     # -- writes
 
     def record_success(self, name: str, success: Success, stat_entries: dict[str, StatEntry]) -> None:
-        """Save one finished job and the stat entries of what it read and wrote, atomically."""
+        """Save one finished job, and with it the stat entries taken since the last save, atomically."""
         with self.transaction():
             self.db.execute(
                 "INSERT OR REPLACE INTO jobs (name, key, recipe, inputs, outputs, env, options, built_at,"
@@ -232,7 +232,8 @@ class StateStore:
                 (name, success.key, success.recipe, json.dumps(success.inputs), json.dumps(success.outputs),
                  json.dumps(success.env), json.dumps(success.options, sort_keys=True), time.time(),
                  success.duration, success.run_id))
-            self._save_stat_entries(stat_entries)
+            if stat_entries:
+                self._save_stat_entries(stat_entries)
             self._bump_generation()
 
     def record_failure(self, name: str, run_id: str) -> None:

@@ -680,3 +680,20 @@ def test_recipes_withdrawn_before_they_start_stay_blocked_not_failed(tmp_path):
     assert first.started and first.interrupted and first.exit_code != 0
     assert not second.started and second.attempts == []
     assert not (tmp_path / "second.txt").exists()
+
+
+def test_stat_entries_lost_to_a_crash_cost_a_rehash_never_a_rerun(project):
+    # Successes save their stat entries in batches (they are only a cache): a build killed before
+    # a batch is saved leaves job records without them. The next build hashes again and reruns nothing.
+    import sqlite3
+
+    project.pipefile(CHAIN)
+    project.write("src.txt", "hello\n")
+    project.build()
+    age(project, "src.txt", "work/first.txt", "out/second.txt")
+    with sqlite3.connect(project.root / ".offbuild" / "state.db") as db:
+        db.execute("DELETE FROM files")
+    (project.root / ".offbuild" / "noop.snapshot").unlink(missing_ok=True)  # decide from the store
+    record = project.build()
+    assert project.ran(record) == set()
+    assert record["hashed"]["files"] >= 3
