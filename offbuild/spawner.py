@@ -16,11 +16,11 @@ exists, so a signal never reaches a reused pid.
 Job slots: with `--slots R,W` (the two ends of a pipe holding one byte per `-j` slot, as GNU make's
 jobserver) a recipe starts only once its spawner has taken a byte, and gives it back when the recipe
 ends. offbuild may then hand over more recipes than may run at once: they wait here, in order, and
-each starts the moment a slot frees, without a round trip through offbuild. A recipe that fails
-(or cannot start) holds the waiting ones back until offbuild says what follows: `resume` (a retry,
-or -k) or `withdraw` (the build stops), so nothing new starts after a failure that stops the build. Both of a run's spawners
-(isolated and networked) share the one pipe, so `-j` holds across them. A recipe's timeout is
-counted here too, from the moment it really starts.
+each starts the moment a slot frees, without a round trip through offbuild. Both of a run's
+spawners (isolated and networked) share the one pipe, so `-j` holds across them. A recipe that
+fails (or cannot start) holds the waiting ones back until offbuild says what follows: `resume` (a
+retry, or -k) or `withdraw` (the build stops), so nothing new starts after a failure that stops
+the build. A recipe's timeout is counted here too, from the moment it really starts.
 
 Protocol (one JSON object per line):
   spawner → offbuild  {"op": "ready", "isolated": bool, "reason": str}
