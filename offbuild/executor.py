@@ -239,8 +239,8 @@ class LocalExecutor:
         # With `slots` (-j), the spawners themselves keep to that many recipes at once, so the
         # Builder can hand over as many again: each starts the moment a recipe ends, without waiting
         # for offbuild to hear of that end, do its bookkeeping and answer.
-        self._slots = JobSlots(slots) if slots else None
-        self.ahead = slots or 0
+        self._slots = JobSlots.open(slots) if slots else None
+        self.ahead = slots if self._slots is not None else 0
         self.state_dir = state_dir
         self.log_dir = os.path.join(state_dir, "logs")
         self.checkpoint_dir = os.path.join(state_dir, "checkpoints")

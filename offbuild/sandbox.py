@@ -60,9 +60,23 @@ class RemoteProcess:
 class JobSlots:
     """The pipe of `-j` job slots that a run's spawners share (see spawner.py): one byte per slot."""
 
-    def __init__(self, count: int):
-        self.read_fd, self.write_fd = os.pipe()
-        os.write(self.write_fd, b"+" * count)
+    def __init__(self, read_fd: int, write_fd: int):
+        self.read_fd, self.write_fd = read_fd, write_fd
+
+    # A pipe holds 64 KiB on Linux, but in 16 pages: a byte taken frees no page until its page is
+    # empty, and a byte given back may need a page of its own. Half the pipe never fills it, so a
+    # spawner giving a slot back never blocks.
+    MOST = 32768
+
+    @classmethod
+    def open(cls, count: int) -> JobSlots | None:
+        """`count` slots, or None for more than MOST: such a `-j` is no limit in practice, and
+        offbuild's own cap on the recipes it hands over keeps it."""
+        if count > cls.MOST:
+            return None
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, b"+" * count)
+        return cls(read_fd, write_fd)
 
     def close(self) -> None:
         os.close(self.read_fd)

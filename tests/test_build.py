@@ -626,6 +626,18 @@ def test_j_caps_running_recipes_across_isolated_and_networked_stages(project):
     assert _most_at_once(_spans(project, names)) == 2
 
 
+def test_a_j_beyond_what_the_slot_pipe_holds_still_builds(project):
+    # One byte per job slot in a pipe: -j 100000 once blocked filling it, and 65536 hung a spawner.
+    project.pipefile("".join(f"""
+        stage s{k}:
+            out: s{k}.txt
+            run: echo {k} > s{k}.txt
+    """ for k in range(6)))
+    for jobs in ("65536", "1000000"):
+        record = project.build("-B", "-j", jobs, timeout=30)
+        assert project.ran(record) == {f"s{k}" for k in range(6)}
+
+
 def test_a_timeout_counts_from_the_recipes_real_start_not_from_its_wait_for_a_slot(project):
     project.pipefile("""
         stage slow:

@@ -111,3 +111,29 @@ def test_plain_recipes_run_without_a_shell_and_the_rest_with_one(recipe, direct)
         assert argv == ["sh", "-e", "-c", recipe] and variables == {}
     else:
         assert argv == direct and variables == {"PWD": "/project"}
+
+
+def test_job_slots_can_always_be_given_back_however_the_pipe_pages_fragment():
+    """Taking a byte frees no pipe page until its page is empty: with the pipe full, giving a slot
+    back would block the spawner for ever (it did, at -j 65536). The most slots never come close."""
+    import os
+
+    from offbuild.sandbox import JobSlots
+
+    slots = JobSlots.open(JobSlots.MOST)
+    try:
+        os.set_blocking(slots.write_fd, False)  # a give-back that would block raises instead
+        for _ in range(3 * JobSlots.MOST):  # every byte through the head page, many times over
+            assert os.read(slots.read_fd, 1) == b"+"
+            os.write(slots.write_fd, b"+")
+    finally:
+        slots.close()
+
+
+def test_a_j_too_large_for_the_slot_pipe_runs_without_slots(tmp_path):
+    slots = LocalExecutor(str(tmp_path), str(tmp_path / ".offbuild"), "run-1", offline="off", slots=1_000_000)
+    try:
+        assert slots.ahead == 0  # offbuild's own cap keeps -j
+        assert slots.run(job("true")).exit_code == 0
+    finally:
+        slots.close()
