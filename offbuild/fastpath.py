@@ -141,7 +141,8 @@ def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> i
             return None
         changed_paths = {links.paths[index] for index in changed}
         try:
-            project = _ChangedPart.load(saved, sorted(affected), links, blobs, store, changed_paths)
+            project = _ChangedPart.load(saved, sorted(affected), links, blobs, store, changed_paths,
+                                        readonly=args.dry_run)
         except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, IndexError):
             return None  # jobs pickled by another version of offbuild: the full path rebuilds them
         done = tuple(name for index, name in enumerate(links.order) if index not in affected)
@@ -187,10 +188,10 @@ class _ChangedPart:
 
     @classmethod
     def load(cls, saved: dict, affected: list[int], links: _Links, blobs: snapshot.PickledJobs, store,
-             changed_paths: set[str]) -> _ChangedPart:
+             changed_paths: set[str], readonly: bool) -> _ChangedPart:
         import pickle
 
-        from .hashing import FileHasher
+        from .hashing import FileHasher, fine_timestamps_device
 
         names = [links.order[index] for index in affected]
         jobs = {name: pickle.loads(blobs[index]) for name, index in zip(names, affected)}
@@ -201,7 +202,8 @@ class _ChangedPart:
             for dependent in after:
                 dependencies[dependent].append(name)  # every dependent of an affected job is affected
         paths = {path for job in jobs.values() for path in job.inputs + job.outputs}
-        hasher = FileHasher(store.load_stat_entries([path for path in paths if path in changed_paths]))
+        hasher = FileHasher(store.load_stat_entries([path for path in paths if path in changed_paths]),
+                            fine_device=None if readonly else fine_timestamps_device(STATE_DIR))
         # Every other file's stat matched the snapshot's, which was its entry's: its digest holds.
         # A job that was up to date then recorded exactly those digests: take them from its record.
         records = store.load_jobs_named(names)

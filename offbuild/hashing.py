@@ -1,6 +1,7 @@
 """Content hashes (BLAKE3) behind a stat cache, so an unchanged file is never read twice."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat as stat_module
 import time
@@ -9,7 +10,8 @@ from dataclasses import dataclass
 import blake3
 
 # An entry recorded this soon after the file's mtime may miss a same-tick rewrite (git's
-# "racy" problem); 2 s covers file systems with whole-second or FAT-style timestamps.
+# "racy" problem); 2 s covers file systems with whole-second or FAT-style timestamps. On a file
+# system that stamps finely (`fine_timestamps_device`) no entry is racy.
 RACY_NS = 2_000_000_000
 _MMAP_THRESHOLD = 1 << 20  # below this a plain read beats mapping the file
 _THREAD_THRESHOLD = 16 << 20  # blake3's threads pay off only on large files
@@ -26,11 +28,46 @@ class StatEntry:
     ctime_ns: int
     digest: str
     recorded_ns: int
+    fine: bool = False  # taken on a file system that stamps finely: never racy (not saved in the store)
 
-    def vouches_for(self, st: os.stat_result) -> bool:
+    def vouches_for(self, st: os.stat_result, fine_device: int | None = None) -> bool:
         """True when the stat proves the file is unchanged since `digest` was taken."""
         return (st.st_size == self.size and st.st_mtime_ns == self.mtime_ns and st.st_ino == self.ino
-                and st.st_ctime_ns == self.ctime_ns and self.recorded_ns - self.mtime_ns >= RACY_NS)
+                and st.st_ctime_ns == self.ctime_ns and (self.settled or st.st_dev == fine_device))
+
+    @property
+    def settled(self) -> bool:
+        """Whether a rewrite after the hash was taken must have changed the stat."""
+        return self.fine or self.recorded_ns - self.mtime_ns >= RACY_NS
+
+
+def fine_timestamps_device(folder: str) -> int | None:
+    """The device of `folder` if its file system gives a write that follows a stat a new mtime, however
+    soon (Linux's multigrain timestamps, 6.13+ on ext4, xfs, btrfs and tmpfs), else None. There a
+    stat entry is never racy, so an output hashed as its recipe ends vouches for it at once.
+    Writes a probe file five times in a row: a coarse clock gives one of them the same mtime."""
+    probe = os.path.join(folder, f".timestamps.{os.getpid()}.tmp")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        device = os.fstat(fd).st_dev
+        for _ in range(5):
+            os.write(fd, b"-")
+            before = os.fstat(fd).st_mtime_ns
+            os.write(fd, b"-")
+            if os.fstat(fd).st_mtime_ns == before:
+                return None
+        return device
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
 
 
 def hash_bytes(data: bytes) -> str:
@@ -56,8 +93,9 @@ def hash_file_contents(path: str, size: int) -> str:
 class FileHasher:
     """Hashes paths through the stat cache; collects new cache entries for the store to save."""
 
-    def __init__(self, entries: dict[str, StatEntry]):
+    def __init__(self, entries: dict[str, StatEntry], fine_device: int | None = None):
         self.entries = entries
+        self.fine_device = fine_device  # see `fine_timestamps_device`
         self.fresh: dict[str, StatEntry] = {}  # new or re-taken entries, not yet saved
         self.files_hashed = 0
         self.bytes_hashed = 0
@@ -84,7 +122,9 @@ class FileHasher:
         if stat_module.S_ISDIR(st.st_mode):
             return self._tree_digest(path)
         entry = self.entries.get(path)
-        if entry is not None and entry.vouches_for(st):
+        if entry is not None and entry.vouches_for(st, self.fine_device):
+            if not entry.settled:  # racy by the clock, settled by the file system: say so (snapshot)
+                self.entries[path] = entry = dataclasses.replace(entry, fine=True)
             return self._seen(path, entry.digest)
         recorded_ns = time.time_ns()  # taken before reading: a write during the read makes it racy
         try:
@@ -93,7 +133,8 @@ class FileHasher:
             return None
         self.files_hashed += 1
         self.bytes_hashed += st.st_size
-        new = StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest, recorded_ns)
+        new = StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest, recorded_ns,
+                        st.st_dev == self.fine_device)
         self.entries[path] = new
         self.fresh[path] = new
         return self._seen(path, digest)

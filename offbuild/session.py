@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .build import is_stale_output
 from .errors import UsageError
 from .graph import BuildGraph, build_graph
-from .hashing import RACY_NS, FileHasher
+from .hashing import RACY_NS, FileHasher, fine_timestamps_device
 from .jsonform import load_json
 from .model import Location, PathSpec, Pipeline
 from . import STATE_DIR, __version__
@@ -106,7 +106,7 @@ def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | Non
     os.chdir(root)
     store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=readonly)
     start_generation = store.generation()  # read before the records: a later write shows as a new generation
-    hasher = FileHasher(store.load_stat_cache())
+    hasher = FileHasher(store.load_stat_cache(), fine_device=None if readonly else fine_timestamps_device(STATE_DIR))
     records = store.load_jobs()
     graph = build_graph(pipeline, is_stale_output(records, hasher))
     return Project(pipeline, store, hasher, records, graph, os.path.relpath(start, root), start_generation)

@@ -160,7 +160,7 @@ def refresh(snapshot: dict, paths: list[str], entries: dict, looked_at: set[int]
 
 
 def _trusted_stat(entry) -> tuple[int, int, int, int]:
-    if entry is None or entry.recorded_ns - entry.mtime_ns < RACY_NS:
+    if entry is None or not entry.settled:
         return UNTRUSTED
     return (entry.size, entry.mtime_ns, entry.ino, entry.ctime_ns)
 
