@@ -1,7 +1,6 @@
 """Content hashes (BLAKE3) behind a stat cache, so an unchanged file is never read twice."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat as stat_module
 import time
@@ -28,12 +27,14 @@ class StatEntry:
     ctime_ns: int
     digest: str
     recorded_ns: int
-    fine: bool = False  # taken on a file system that stamps finely: never racy (not saved in the store)
+    # Taken by this process on a file system that stamps finely: never racy. Not saved in the store:
+    # an entry loaded from it may have been taken under another kernel, and keeps the clock's rule.
+    fine: bool = False
 
-    def vouches_for(self, st: os.stat_result, fine_device: int | None = None) -> bool:
+    def vouches_for(self, st: os.stat_result) -> bool:
         """True when the stat proves the file is unchanged since `digest` was taken."""
         return (st.st_size == self.size and st.st_mtime_ns == self.mtime_ns and st.st_ino == self.ino
-                and st.st_ctime_ns == self.ctime_ns and (self.settled or st.st_dev == fine_device))
+                and st.st_ctime_ns == self.ctime_ns and self.settled)
 
     @property
     def settled(self) -> bool:
@@ -122,9 +123,7 @@ class FileHasher:
         if stat_module.S_ISDIR(st.st_mode):
             return self._tree_digest(path)
         entry = self.entries.get(path)
-        if entry is not None and entry.vouches_for(st, self.fine_device):
-            if not entry.settled:  # racy by the clock, settled by the file system: say so (snapshot)
-                self.entries[path] = entry = dataclasses.replace(entry, fine=True)
+        if entry is not None and entry.vouches_for(st):
             return self._seen(path, entry.digest)
         recorded_ns = time.time_ns()  # taken before reading: a write during the read makes it racy
         try:
