@@ -14,7 +14,7 @@ from .executor import Executor
 from .explain import Paint, explain_jobs, render_json, render_text, wants_colour
 from .planner import Action, Reason, stage_key
 from .run import EXIT_FAILED, EXIT_OK
-from .session import STATE_DIR, open_project
+from .session import open_project
 
 
 def run_command(args, targets: list[str], overrides: dict[str, str]) -> int:
@@ -101,7 +101,7 @@ def print_graph(project, order: list[str], form: str) -> int:
 
 def clean(project, order: list[str], dry: bool, verbosity: int) -> int:
     """`--clean`: delete the declared outputs, checkpoints and records of `order`; `-n` only lists."""
-    removals = inspection.clean_plan(project, order, STATE_DIR)
+    removals = inspection.clean_plan(project, order, project.state_dir)
     verb = "would remove" if dry else "removed"
     removed = 0
     for removal in removals:
@@ -124,7 +124,7 @@ def clean(project, order: list[str], dry: bool, verbosity: int) -> int:
 def explain(project, order: list[str], target: str, force: bool, as_json: bool, cache: OutputCache | None) -> int:
     """`--explain T`: runs nothing and writes nothing; prints the planner's reasons per job."""
     decisions = list(inspection.plan(project, order, force).values())
-    checkpoints = {name: inspection.checkpoint_file(STATE_DIR, project.graph.jobs[name])
+    checkpoints = {name: inspection.checkpoint_file(project.state_dir, project.graph.jobs[name])
                    for name in order if project.graph.jobs[name].stage.checkpoint}
     cached = cache_states(project, decisions, cache) if cache is not None and not force else None
     explanations = explain_jobs(decisions, project.records, project.store.load_decisions(), checkpoints, cached)

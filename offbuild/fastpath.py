@@ -13,7 +13,7 @@ import os
 import time
 from bisect import bisect_right
 
-from . import STATE_DIR, snapshot
+from . import snapshot, state_dir_for
 
 
 def fast_build(args, targets: list[str], overrides: dict[str, str]) -> int | None:
@@ -34,14 +34,15 @@ def fast_build(args, targets: list[str], overrides: dict[str, str]) -> int | Non
 
 
 def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | None:
-    saved = snapshot.load(STATE_DIR, key)
+    state_dir = state_dir_for(args.file)
+    saved = snapshot.load(state_dir, key)
     if saved is None or not snapshot.structure_holds(saved):
         return None
     paths = snapshot.paths_of(saved)
     changed = snapshot.changed_files(saved, paths)
     if changed is None:
         return None
-    if not snapshot.store_unchanged(STATE_DIR, saved, remember=not args.dry_run):
+    if not snapshot.store_unchanged(state_dir, saved, remember=not args.dry_run):
         return None
     if not changed and not saved["always"] and not saved["unsettled"]:
         if args.dry_run:
@@ -62,7 +63,7 @@ def _record_noop(args, saved: dict, started_wall: float, started: float) -> int:
               "status": "ok", "targets": saved["targets"], "offline": {"mode": args.offline, "isolated": None},
               "counts": counts, "hashed": {"files": 0, "bytes": 0}, "jobs": [], "skipped": jobs,
               "fast_path": "noop"}
-    write_run_record(STATE_DIR, record)
+    write_run_record(state_dir_for(args.file), record)
     import json
     import sys
 
@@ -116,7 +117,8 @@ def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> i
     if any(index not in made and snapshot.stat_tuple(links.paths[index]) is None for index in changed):
         return None  # a source is gone: the full path reports it as a load error, with its location
     affected = links.affected_by(changed_set, saved["always"] + saved["unsettled"])
-    blobs = snapshot.load_jobs(STATE_DIR, saved)
+    state_dir = state_dir_for(args.file)
+    blobs = snapshot.load_jobs(state_dir, saved)
     if blobs is None:
         return None
     from . import run  # not yet the scheduler's modules (run.build loads them)
@@ -135,14 +137,14 @@ def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> i
 
         from .state import StateStore
 
-        store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=args.dry_run)
+        store = StateStore(os.path.join(state_dir, "state.db"), readonly=args.dry_run)
         start_generation = store.generation()
         if start_generation != saved["generation"]:  # another process wrote since the check
             return None
         changed_paths = {links.paths[index] for index in changed}
         try:
             project = _ChangedPart.load(saved, sorted(affected), links, blobs, store, changed_paths,
-                                        readonly=args.dry_run)
+                                        state_dir, readonly=args.dry_run)
         except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, IndexError):
             return None  # jobs pickled by another version of offbuild: the full path rebuilds them
         done = tuple(name for index, name in enumerate(links.order) if index not in affected)
@@ -174,7 +176,9 @@ class _ChangedPart:
     """What run.build needs of a project, for just the affected jobs: their jobs, edges among
     them, their records and stat cache entries. Acts as the graph too (Builder's interface)."""
 
-    def __init__(self, order, jobs, dependents, dependencies, pools, holding_sources, store, records, hasher):
+    def __init__(self, order, jobs, dependents, dependencies, pools, holding_sources, store, records, hasher,
+                 state_dir: str):
+        self.state_dir = state_dir
         self.order = order
         self.jobs = jobs
         self._dependents = dependents
@@ -188,7 +192,7 @@ class _ChangedPart:
 
     @classmethod
     def load(cls, saved: dict, affected: list[int], links: _Links, blobs: snapshot.PickledJobs, store,
-             changed_paths: set[str], readonly: bool) -> _ChangedPart:
+             changed_paths: set[str], state_dir: str, readonly: bool) -> _ChangedPart:
         import pickle
 
         from .hashing import FileHasher, fine_timestamps_device
@@ -203,7 +207,7 @@ class _ChangedPart:
                 dependencies[dependent].append(name)  # every dependent of an affected job is affected
         paths = {path for job in jobs.values() for path in job.inputs + job.outputs}
         hasher = FileHasher(store.load_stat_entries([path for path in paths if path in changed_paths]),
-                            fine_device=None if readonly else fine_timestamps_device(STATE_DIR))
+                            fine_device=None if readonly else fine_timestamps_device(state_dir))
         # Every other file's stat matched the snapshot's, which was its entry's: its digest holds.
         # A job that was up to date then recorded exactly those digests: take them from its record.
         records = store.load_jobs_named(names)
@@ -221,7 +225,7 @@ class _ChangedPart:
                                             and path not in verified]))
         hasher.verified = verified
         return cls(names, jobs, dependents, dependencies, saved["pools"], set(saved["holds_source"]), store,
-                   records, hasher)
+                   records, hasher, state_dir)
 
     def dependencies(self, name: str) -> list[str]:
         return self._dependencies[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from . import STATE_DIR
 from .build import dry_run
 from .executor import checkpoint_path_for
 from .graph import BuildGraph
@@ -192,7 +193,8 @@ def clean_plan(project, order: list[str], state_dir: str) -> list[Removal]:
     graph = project.graph
     sources = _source_paths(project)
     root = os.path.realpath(os.getcwd())
-    protected = {root, os.path.realpath(state_dir), os.path.realpath(".git")}
+    # Every pipeline file's state: another file's lives inside `.offbuild/` too (see state_dir_for).
+    protected = {root, os.path.realpath(state_dir), os.path.realpath(STATE_DIR), os.path.realpath(".git")}
     removals = []
     for name in order:
         job = graph.jobs[name]

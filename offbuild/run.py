@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import STATE_DIR, snapshot
+from . import snapshot, state_dir_for
 from .errors import UsageError
 from .executor import Executor, LocalExecutor
 from .records import iso, new_run_id, write_run_record
@@ -75,9 +75,9 @@ def build(project, order: list[str], args, shown_targets: list[str], verbosity: 
     }
     if fast_path:
         record["fast_path"] = "changes"
-    write_run_record(STATE_DIR, record)
+    write_run_record(project.state_dir, record)
     unsettled = {outcome.name for outcome in result.outcomes.values() if outcome.action not in _SETTLED}
-    snapshot.save(STATE_DIR, capture(unsettled) if capture is not None else None)
+    snapshot.save(project.state_dir, capture(unsettled) if capture is not None else None)
     reporter.summary(counts, time.monotonic() - started, {"ok": "done"}.get(result.status, result.status))
     if args.json:
         print(json.dumps(record, indent=2))
@@ -101,7 +101,8 @@ def show_dry_run(project, order: list[str], force: bool, presumed_done: int = 0)
 def make_executor(args, run_id: str, warn=lambda text: None) -> Executor:
     """The executor `--executor` names: local processes, or a Dask cluster (dask imported only then)."""
     if getattr(args, "executor", "local") != "dask":
-        return LocalExecutor(os.getcwd(), STATE_DIR, run_id, offline=args.offline, warn=warn, slots=args.jobs)
+        return LocalExecutor(os.getcwd(), state_dir_for(args.file), run_id, offline=args.offline, warn=warn,
+                             slots=args.jobs)
     try:
         from .dask_executor import DaskExecutor
     except ModuleNotFoundError as error:
@@ -109,4 +110,5 @@ def make_executor(args, run_id: str, warn=lambda text: None) -> Executor:
             raise
         raise UsageError("--executor dask needs Dask's distributed package: pip install 'offbuild[dask]'"
                          f" ({error})") from None
-    return DaskExecutor(os.getcwd(), STATE_DIR, run_id, args.scheduler, offline=args.offline, warn=warn)
+    return DaskExecutor(os.getcwd(), state_dir_for(args.file), run_id, args.scheduler, offline=args.offline,
+                        warn=warn)

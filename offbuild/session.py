@@ -11,7 +11,7 @@ from .graph import BuildGraph, build_graph
 from .hashing import RACY_NS, FileHasher, fine_timestamps_device
 from .jsonform import load_json
 from .model import Location, PathSpec, Pipeline
-from . import STATE_DIR, __version__
+from . import __version__, state_dir_for
 from .state import JobRecord, StateStore
 
 _NO_LOCATION = Location("<command line>", 0, 0)
@@ -28,6 +28,7 @@ class Project:
     graph: BuildGraph
     cwd_offset: str  # where the user stood, relative to the root, for path targets
     start_generation: int = 0  # the store's generation when the records were read
+    state_dir: str = ".offbuild"  # see `state_dir_for`, relative to the root
 
     def targets(self, names: list[str]) -> list[PathSpec]:
         """The command line's targets, else `default:`, else every stage."""
@@ -63,7 +64,7 @@ def _load_pipeline(pipefile: str, display: str, overrides: dict[str, str], save:
     """The parsed pipeline, from `.offbuild/pipeline.cache` while its files are unchanged (settled,
     same stat: the rule of the stat cache), else parsed (and, unless `save` is false, kept).
     Unpickling a 10,000-stage model takes a fifth of lark's parse."""
-    path = os.path.join(os.path.dirname(pipefile), STATE_DIR, PARSED_NAME)
+    path = os.path.join(os.path.dirname(pipefile), state_dir_for(pipefile), PARSED_NAME)
     key = (pipefile, display, sorted(overrides.items()), __version__)
     try:
         with open(path, "rb") as handle:
@@ -104,9 +105,11 @@ def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | Non
     else:
         pipeline = _load_pipeline(os.path.abspath(pipefile), display, overrides, save=not readonly)
     os.chdir(root)
-    store = StateStore(os.path.join(STATE_DIR, "state.db"), readonly=readonly)
+    state_dir = state_dir_for(pipefile)
+    store = StateStore(os.path.join(state_dir, "state.db"), readonly=readonly)
     start_generation = store.generation()  # read before the records: a later write shows as a new generation
-    hasher = FileHasher(store.load_stat_cache(), fine_device=None if readonly else fine_timestamps_device(STATE_DIR))
+    hasher = FileHasher(store.load_stat_cache(), fine_device=None if readonly else fine_timestamps_device(state_dir))
     records = store.load_jobs()
     graph = build_graph(pipeline, is_stale_output(records, hasher))
-    return Project(pipeline, store, hasher, records, graph, os.path.relpath(start, root), start_generation)
+    return Project(pipeline, store, hasher, records, graph, os.path.relpath(start, root), start_generation,
+                   state_dir)

@@ -51,7 +51,8 @@ class Project:
         return self.last_record()
 
     def last_record(self) -> dict:
-        runs = sorted((self.root / ".offbuild" / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+        # Any pipeline file's: `-f other` keeps its state in .offbuild/pipefiles/other/.
+        runs = sorted((self.root / ".offbuild").glob("**/runs/*.json"), key=lambda p: p.stat().st_mtime_ns)
         return json.loads(runs[-1].read_text())
 
     def ran(self, record: dict | None = None) -> set[str]:

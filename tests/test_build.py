@@ -638,6 +638,23 @@ def test_a_j_beyond_what_the_slot_pipe_holds_still_builds(project):
         assert project.ran(record) == {f"s{k}" for k in range(6)}
 
 
+def test_two_pipeline_files_in_one_folder_keep_their_own_state(project):
+    # They once shared .offbuild/: each build took the other file's jobs for removed stages and
+    # deleted their outputs, and same-named stages overwrote each other's records.
+    project.write("a.pipe", "stage build:\n    out: a.txt\n    run: echo a > a.txt\n")
+    project.write("b.pipe", "stage build:\n    out: b.txt\n    run: echo b > b.txt\n")
+    project.pipefile("stage main:\n    out: main.txt\n    run: echo main > main.txt\n")
+    assert project.ran(project.build("-f", "a.pipe")) == {"build"}
+    assert project.ran(project.build("-f", "b.pipe")) == {"build"}
+    assert project.ran(project.build()) == {"main"}
+    assert project.exists("a.txt") and project.exists("b.txt")
+    for args in (("-f", "a.pipe"), ("-f", "b.pipe"), ()):
+        assert project.ran(project.build(*args)) == set()
+    assert project.exists("a.txt") and project.exists("b.txt") and project.exists("main.txt")
+    assert (project.root / ".offbuild" / "pipefiles" / "a.pipe" / "state.db").exists()
+    assert (project.root / ".offbuild" / "state.db").exists()  # Pipefile's: where it always was
+
+
 def test_a_timeout_counts_from_the_recipes_real_start_not_from_its_wait_for_a_slot(project):
     project.pipefile("""
         stage slow:
