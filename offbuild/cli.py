@@ -24,7 +24,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("items", nargs="*", metavar="TARGET | NAME=VALUE",
                         help="stage names, job names or output paths to build; NAME=VALUE overrides a variable")
     parser.add_argument("-f", dest="file", default="Pipefile", metavar="FILE",
-                        help="the pipeline file (default ./Pipefile; *.json for the JSON form)")
+                        help="the pipeline file (default ./Pipefile; *.json for the JSON form); another"
+                             " name keeps its state in .offbuild/pipefiles/NAME/")
     parser.add_argument("-C", dest="directory", metavar="DIR", help="run as if started in DIR")
     parser.add_argument("-j", dest="jobs", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                         help="parallel jobs (default: CPU count)")
