@@ -11,7 +11,7 @@ from .graph import BuildGraph, build_graph
 from .hashing import RACY_NS, FileHasher, fine_timestamps_device
 from .jsonform import load_json
 from .model import Location, PathSpec, Pipeline
-from . import __version__, state_dir_for
+from . import STATE_DIR, __version__, state_dir_for
 from .state import JobRecord, StateStore
 
 _NO_LOCATION = Location("<command line>", 0, 0)
@@ -28,7 +28,7 @@ class Project:
     graph: BuildGraph
     cwd_offset: str  # where the user stood, relative to the root, for path targets
     start_generation: int = 0  # the store's generation when the records were read
-    state_dir: str = ".offbuild"  # see `state_dir_for`, relative to the root
+    state_dir: str = STATE_DIR  # see `state_dir_for`, relative to the root
 
     def targets(self, names: list[str]) -> list[PathSpec]:
         """The command line's targets, else `default:`, else every stage."""
