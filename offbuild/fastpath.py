@@ -27,14 +27,13 @@ def fast_build(args, targets: list[str], overrides: dict[str, str]) -> int | Non
     root = os.path.dirname(os.path.abspath(args.file))
     key = snapshot.snapshot_key(args.file, targets, overrides, os.path.relpath(here, root))
     os.chdir(root)
-    exit_code = _fast_build(args, key, started_wall, started)
+    exit_code = _fast_build(args, key, state_dir_for(args.file), started_wall, started)
     if exit_code is None:
         os.chdir(here)
     return exit_code
 
 
-def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | None:
-    state_dir = state_dir_for(args.file)
+def _fast_build(args, key: tuple, state_dir: str, started_wall: float, started: float) -> int | None:
     saved = snapshot.load(state_dir, key)
     if saved is None or not snapshot.structure_holds(saved):
         return None
@@ -48,11 +47,11 @@ def _fast_build(args, key: tuple, started_wall: float, started: float) -> int | 
         if args.dry_run:
             print(f"offbuild: dry run: 0 would run, {len(saved['jobs'].splitlines())} up to date")
             return 0
-        return _record_noop(args, saved, started_wall, started)
-    return _build_changes(args, saved, paths, changed)
+        return _record_noop(args, saved, state_dir, started_wall, started)
+    return _build_changes(args, saved, state_dir, paths, changed)
 
 
-def _record_noop(args, saved: dict, started_wall: float, started: float) -> int:
+def _record_noop(args, saved: dict, state_dir: str, started_wall: float, started: float) -> int:
     from .records import iso, new_run_id, write_run_record
     from .reporter import summary_line
 
@@ -63,7 +62,7 @@ def _record_noop(args, saved: dict, started_wall: float, started: float) -> int:
               "status": "ok", "targets": saved["targets"], "offline": {"mode": args.offline, "isolated": None},
               "counts": counts, "hashed": {"files": 0, "bytes": 0}, "jobs": [], "skipped": jobs,
               "fast_path": "noop"}
-    write_run_record(state_dir_for(args.file), record)
+    write_run_record(state_dir, record)
     import json
     import sys
 
@@ -109,7 +108,7 @@ class _Links:
         return affected
 
 
-def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> int | None:
+def _build_changes(args, saved: dict, state_dir: str, paths: list[str], changed: list[int]) -> int | None:
     """Decide (and unless -n, run) the jobs the changed files affect; None to fall back to the full path."""
     links = _Links(saved, paths)
     changed_set = set(changed)
@@ -117,7 +116,6 @@ def _build_changes(args, saved: dict, paths: list[str], changed: list[int]) -> i
     if any(index not in made and snapshot.stat_tuple(links.paths[index]) is None for index in changed):
         return None  # a source is gone: the full path reports it as a load error, with its location
     affected = links.affected_by(changed_set, saved["always"] + saved["unsettled"])
-    state_dir = state_dir_for(args.file)
     blobs = snapshot.load_jobs(state_dir, saved)
     if blobs is None:
         return None

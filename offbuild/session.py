@@ -60,11 +60,11 @@ def unchanged_since_read(pipeline: Pipeline) -> bool:
 PARSED_NAME = "pipeline.cache"
 
 
-def _load_pipeline(pipefile: str, display: str, overrides: dict[str, str], save: bool) -> Pipeline:
+def _load_pipeline(pipefile: str, state_dir: str, display: str, overrides: dict[str, str], save: bool) -> Pipeline:
     """The parsed pipeline, from `.offbuild/pipeline.cache` while its files are unchanged (settled,
     same stat: the rule of the stat cache), else parsed (and, unless `save` is false, kept).
     Unpickling a 10,000-stage model takes a fifth of lark's parse."""
-    path = os.path.join(os.path.dirname(pipefile), state_dir_for(pipefile), PARSED_NAME)
+    path = os.path.join(os.path.dirname(pipefile), state_dir, PARSED_NAME)
     key = (pipefile, display, sorted(overrides.items()), __version__)
     try:
         with open(path, "rb") as handle:
@@ -100,12 +100,12 @@ def open_project(pipefile: str, overrides: dict[str, str], shown_from: str | Non
     start = os.getcwd()
     root = os.path.dirname(os.path.abspath(pipefile))
     display = os.path.relpath(os.path.abspath(pipefile), shown_from or start) if not os.path.isabs(pipefile) else pipefile
+    state_dir = state_dir_for(pipefile)  # relative to the root
     if previous is not None and unchanged_since_read(previous):
         pipeline = previous
     else:
-        pipeline = _load_pipeline(os.path.abspath(pipefile), display, overrides, save=not readonly)
+        pipeline = _load_pipeline(os.path.abspath(pipefile), state_dir, display, overrides, save=not readonly)
     os.chdir(root)
-    state_dir = state_dir_for(pipefile)
     store = StateStore(os.path.join(state_dir, "state.db"), readonly=readonly)
     start_generation = store.generation()  # read before the records: a later write shows as a new generation
     hasher = FileHasher(store.load_stat_cache(), fine_device=None if readonly else fine_timestamps_device(state_dir))

@@ -131,9 +131,9 @@ def test_job_slots_can_always_be_given_back_however_the_pipe_pages_fragment():
 
 
 def test_a_j_too_large_for_the_slot_pipe_runs_without_slots(tmp_path):
-    slots = LocalExecutor(str(tmp_path), str(tmp_path / ".offbuild"), "run-1", offline="off", slots=1_000_000)
+    runner = LocalExecutor(str(tmp_path), str(tmp_path / ".offbuild"), "run-1", offline="off", slots=1_000_000)
     try:
-        assert slots.ahead == 0  # offbuild's own cap keeps -j
-        assert slots.run(job("true")).exit_code == 0
+        assert runner.ahead == 0  # offbuild's own cap keeps -j
+        assert runner.run(job("true")).exit_code == 0
     finally:
-        slots.close()
+        runner.close()
