@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
 import threading
 import traceback
 from collections.abc import Callable
+
+from .spawner import receive_request, write_all
 
 
 class SpawnerGone(Exception):
@@ -33,6 +37,11 @@ class RemoteProcess:
         self._pending = threading.Lock()
         self._pending.acquire()
 
+    def _dropped(self) -> None:
+        """It never started: withdrawn, or stopped while it waited."""
+        self.dropped = True
+        self._exited(-1)
+
     def _exited(self, code: int, error: str = "") -> None:
         self.returncode, self.error = code, error
         self._pending.release()
@@ -48,7 +57,7 @@ class RemoteProcess:
         (and at once whatever it leaves behind when it does); drop it if it has not started yet.
         Returns at once."""
         if self.returncode is None:
-            self._spawner._send({"op": "stop", "id": self._id, "grace": grace})
+            self._spawner._stop(self._id, grace)
 
     def wait(self, timeout: float | None = None) -> int:
         if not self._pending.acquire(timeout=-1 if timeout is None else timeout):
@@ -60,8 +69,9 @@ class RemoteProcess:
 class JobSlots:
     """The pipe of `-j` job slots that a run's spawners share (see spawner.py): one byte per slot."""
 
-    def __init__(self, read_fd: int, write_fd: int):
+    def __init__(self, read_fd: int, write_fd: int, count: int):
         self.read_fd, self.write_fd = read_fd, write_fd
+        self.count = count
 
     # A pipe holds 64 KiB on Linux, but in 16 pages: a byte taken frees no page until its page is
     # empty, and a byte given back may need a page of its own. Half the pipe never fills it, so a
@@ -76,7 +86,7 @@ class JobSlots:
             return None
         read_fd, write_fd = os.pipe()
         os.write(write_fd, b"+" * count)
-        return cls(read_fd, write_fd)
+        return cls(read_fd, write_fd, count)
 
     def close(self) -> None:
         os.close(self.read_fd)
@@ -88,22 +98,41 @@ class Spawner:
     With `slots`, it runs no more recipes at once than the slots allow, and holds the others until
     one frees; without, it starts each recipe as soon as it is asked."""
 
+    # A request bigger than this goes as a memfd: a socket message may not outgrow the send buffer.
+    LARGEST_MESSAGE = 32768
+
     def __init__(self, isolate: bool, slots: JobSlots | None = None):
+        workers = _worker_count(slots)
+        # Requests go straight to the workers through one queue; offbuild keeps its receiving end
+        # as well, to take back what no worker has taken yet (withdraw, stop).
+        self._queue, self._queue_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._queue.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)  # the system caps it
+        controls = [os.pipe() for _ in range(workers)]
+        self._controls = [write_fd for _, write_fd in controls]
         options = ["--isolate"] if isolate else []
+        options += ["--queue", str(self._queue_end.fileno()),
+                    "--control", ",".join(str(read_fd) for read_fd, _ in controls)]
+        passed = [self._queue_end.fileno()] + [read_fd for read_fd, _ in controls]
         if slots is not None:
-            options += ["--slots", f"{slots.read_fd},{slots.write_fd}"]
-        self.process = subprocess.Popen(
-            [sys.executable, "-S", "-m", "offbuild.spawner"] + options,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
-            pass_fds=(slots.read_fd, slots.write_fd) if slots is not None else (),
-            env={**os.environ, "PYTHONPATH": _package_parent() + os.pathsep + os.environ.get("PYTHONPATH", "")})
+            options += ["--slots", f"{slots.read_fd},{slots.write_fd}",
+                        "--capacity", str(math.ceil(slots.count / workers))]
+            passed += [slots.read_fd, slots.write_fd]
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-S", "-m", "offbuild.spawner"] + options,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True, pass_fds=passed,
+                env={**os.environ, "PYTHONPATH": _package_parent() + os.pathsep + os.environ.get("PYTHONPATH", "")})
+        finally:
+            for read_fd, _ in controls:
+                os.close(read_fd)
         ready = json.loads(self.process.stdout.readline() or b'{"isolated": false, "reason": "spawner died"}')
         self.isolated: bool = ready["isolated"]
         self.reason: str = ready.get("reason", "")
         self._lock = threading.Lock()
         self._next_id = 0
         self._running: dict[int, RemoteProcess] = {}  # request id → process, until it exits
-        self._env_sent: dict[str, str] | None = None  # the base environment the spawner holds now
+        self._env_sent: dict[str, str] | None = None  # the base environment the workers hold now
+        self._generation = 0  # of `_env_sent`
         self._alive = True
         self._reader = threading.Thread(target=self._read, name="spawner-reader", daemon=True)
         self._reader.start()
@@ -120,15 +149,17 @@ class Spawner:
             request_id = self._next_id
             self._next_id += 1
             process = self._running[request_id] = RemoteProcess(self, request_id, on_exit)
-            message = {"op": "spawn", "id": request_id, "argv": argv, "cwd": cwd, "log": log_path,
-                       "extra": extra or {}}
-            if timeout is not None:
-                message["timeout"], message["grace"] = timeout, grace
-            # Recipes share one environment but for their OFFBUILD_* values (`extra`): it goes once.
-            if env != self._env_sent:
-                message["env"] = self._env_sent = dict(env)
             try:
-                self._write(message)
+                # Recipes share one environment but for their OFFBUILD_* values (`extra`): every
+                # worker is sent it once, before the first request that needs it.
+                if env != self._env_sent:
+                    self._broadcast({"op": "env", "generation": self._generation + 1, "env": env})
+                    self._env_sent, self._generation = dict(env), self._generation + 1
+                request = {"id": request_id, "argv": argv, "cwd": cwd, "log": log_path, "extra": extra or {},
+                           "generation": self._generation}
+                if timeout is not None:
+                    request["timeout"], request["grace"] = timeout, grace
+                self._enqueue(request)
             except SpawnerGone:
                 del self._running[request_id]
                 raise
@@ -136,26 +167,74 @@ class Spawner:
 
     def withdraw(self) -> None:
         """Drop every recipe still waiting for a slot; each reports `dropped`."""
-        self._send({"op": "withdraw"})
+        with self._lock:
+            dropped = [self._running.pop(request["id"]) for request in self._take_back()]
+            self._tell_all({"op": "withdraw"})
+        for process in dropped:
+            process._dropped()
 
     def resume(self) -> None:
         """Let waiting recipes start again: a failed one holds them back (see spawner.py)."""
-        self._send({"op": "resume"})
-
-    def _send(self, message: dict) -> None:
         with self._lock:
-            if self._alive:
-                try:
-                    self._write(message)
-                except SpawnerGone:
-                    pass
+            self._tell_all({"op": "resume"})
 
-    def _write(self, message: dict) -> None:
+    def _stop(self, request_id: int, grace: float) -> None:
+        """RemoteProcess.stop: take the request back if no worker has taken it, else tell them all."""
+        with self._lock:
+            dropped = None
+            for request in self._take_back():
+                if request["id"] == request_id:
+                    dropped = self._running.pop(request_id)
+                else:
+                    self._enqueue(request)  # in the order they came: the queue holds no others now
+            if dropped is None:
+                self._tell_all({"op": "stop", "id": request_id, "grace": grace})
+        if dropped is not None:
+            dropped._dropped()
+
+    def _tell_all(self, message: dict) -> None:
+        """A control message, when offbuild would not know what to do if the spawner is gone."""
+        if self._alive:
+            try:
+                self._broadcast(message)
+            except SpawnerGone:
+                pass
+
+    def _broadcast(self, message: dict) -> None:
+        line = (json.dumps(message) + "\n").encode()
         try:
-            self.process.stdin.write((json.dumps(message) + "\n").encode())
-            self.process.stdin.flush()
-        except (BrokenPipeError, OSError):
+            for control in self._controls:
+                write_all(control, line)
+        except OSError:
             raise SpawnerGone("the recipe spawner has exited") from None
+
+    def _enqueue(self, request: dict) -> None:
+        data = json.dumps(request).encode()
+        try:
+            if len(data) <= self.LARGEST_MESSAGE:
+                self._queue.send(data)
+                return
+            holder = os.memfd_create("offbuild-request", os.MFD_CLOEXEC)
+            try:
+                write_all(holder, data)
+                os.lseek(holder, 0, os.SEEK_SET)
+                socket.send_fds(self._queue, [b"+"], [holder])
+            finally:
+                os.close(holder)
+        except OSError:
+            raise SpawnerGone("the recipe spawner has exited") from None
+
+    def _take_back(self) -> list[dict]:
+        """The requests no worker has taken yet, out of the queue, in order."""
+        taken = []
+        while True:
+            try:
+                data = receive_request(self._queue_end)
+            except OSError:  # closed: the spawner is gone
+                data = None
+            if data is None:
+                return taken
+            taken.append(json.loads(data))
 
     def _read(self) -> None:
         for line in self.process.stdout:
@@ -168,10 +247,12 @@ class Spawner:
                 process.timed_out = message.get("timed_out", False)
                 process._exited(message["code"])
             elif message["op"] == "dropped":
-                process.dropped = True
-                process._exited(-1)
+                process._dropped()
             else:  # "error": it could not start
                 process._exited(message["code"], message["message"])
+        # The workers are gone: close offbuild's end of the queue first, so a `start` blocked on a
+        # full queue (under the lock) fails instead of waiting for ever.
+        self._queue_end.close()
         with self._lock:  # the spawner died: nothing it started will report again
             self._alive = False
             orphans, self._running = list(self._running.values()), {}
@@ -179,11 +260,22 @@ class Spawner:
             process._exited(255, "the recipe spawner has exited")
 
     def close(self) -> None:
-        try:
-            self.process.stdin.close()
-        except OSError:
-            pass
+        for control in self._controls:  # each worker kills what it still runs, and ends
+            try:
+                os.close(control)
+            except OSError:
+                pass
+        self._controls = []
         self.process.wait()
+        self._queue.close()
+
+
+def _worker_count(slots: JobSlots | None) -> int:
+    """One worker per core that -j can keep busy (see spawner.py); one without slots (then recipes
+    start as they come, nothing waits) or where a worker cannot follow its parent's death."""
+    if slots is None or not sys.platform.startswith("linux"):
+        return 1
+    return max(1, min(slots.count, len(os.sched_getaffinity(0))))
 
 
 def _package_parent() -> str:

@@ -1,39 +1,54 @@
 """A small process that starts recipes for offbuild, optionally inside an empty network namespace.
 
-offbuild starts one spawner per run (`python -m offbuild.spawner [--isolate]`) and sends it
-JSON lines; every recipe it starts inherits its namespace, so isolation costs one `unshare`
-per run instead of one per recipe. When offbuild dies the spawner's stdin closes and it kills
-every recipe it started: no recipe outlives a crashed build.
+offbuild starts one spawner per run (`python -m offbuild.spawner [--isolate]`); every recipe it
+starts inherits its namespace, so isolation costs one `unshare` per run instead of one per recipe.
 
-A recipe's output (stdout and stderr) goes through a pipe to the spawner, which writes it to the
+Workers: after isolating, the spawner forks into `--control`'s count of workers (about one per core,
+see sandbox.Spawner), each an independent loop that starts and watches its own recipes. A recipe's
+end wakes the worker that started it, and the kernel runs that worker on the core the recipe has
+just freed; a single process woken by every recipe was often queued behind a recipe on the other
+core while the freed one idled (measured: 10-14% idle cores at -j2, against 4% for ninja).
+All workers take recipes from one queue (`--queue`, a SOCK_SEQPACKET socket: one whole request per
+message), a worker only while it has room (`--capacity` recipes); each has its own control pipe
+from offbuild, and all write their reports to the one stdout, a line per write (atomic in a pipe).
+A worker that dies ends the spawner: the first worker, parent of the others, stops them all, and
+they stop when it dies (PR_SET_PDEATHSIG). When offbuild dies the control pipes close and each
+worker kills every recipe it started: no recipe outlives a crashed build.
+
+A recipe's output (stdout and stderr) goes through a pipe to its worker, which writes it to the
 recipe's log, appending, as it arrives; the log is created at the first byte, so a recipe that
 prints nothing leaves no file behind (a big pipeline would otherwise make one empty file per job).
-Before reporting an exit the spawner writes out what is left in the pipe.
+Before reporting an exit the worker writes out what is left in the pipe.
 
-Stopping a recipe is the spawner's job too: it alone knows whether the recipe's process still
+Stopping a recipe is its worker's job too: it alone knows whether the recipe's process still
 exists, so a signal never reaches a reused pid.
 
 Job slots: with `--slots R,W` (the two ends of a pipe holding one byte per `-j` slot, as GNU make's
-jobserver) a recipe starts only once its spawner has taken a byte, and gives it back when the recipe
-ends. offbuild may then hand over more recipes than may run at once: they wait here, in order, and
-each starts the moment a slot frees, without a round trip through offbuild. Both of a run's
-spawners (isolated and networked) share the one pipe, so `-j` holds across them. A recipe that
-fails (or cannot start) holds the waiting ones back until offbuild says what follows: `resume` (a
-retry, or -k) or `withdraw` (the build stops), so nothing new starts after a failure that stops
-the build. A recipe's timeout is counted here too, from the moment it really starts.
+jobserver) a recipe starts only once its worker has taken a byte, and gives it back when the recipe
+ends. offbuild may then hand over more recipes than may run at once: they wait in the queue, in
+order, and each starts the moment a slot frees, without a round trip through offbuild. Both of a
+run's spawners (isolated and networked) share the one pipe, so `-j` holds across them. A recipe that
+fails (or cannot start) holds every worker's next recipe back (a flag the workers share) until
+offbuild says what follows: `resume` (a retry, or -k) or `withdraw` (the build stops), so nothing
+new starts after a failure that stops the build, but what another worker started in the same
+instant. A recipe's timeout is counted here too, from the moment it really starts.
 
-Protocol (one JSON object per line):
-  spawner → offbuild  {"op": "ready", "isolated": bool, "reason": str}
-  offbuild → spawner  {"op": "spawn", "id": N, "argv": [...], "cwd": str, "log": path,
-                       "env": {...} (the base environment: the first time, and when it changes),
-                       "extra": {...} (this recipe's own variables, on top of the base),
-                       "timeout": seconds (optional; then stopped as below, with "grace")}
+Protocol (JSON):
+  spawner → offbuild (stdout, a line each)
+                      {"op": "ready", "isolated": bool, "reason": str}
+  offbuild → queue    {"id": N, "argv": [...], "cwd": str, "log": path, "generation": G (of the base
+                       environment, below), "extra": {...} (this recipe's own variables, on top of the
+                       base), "timeout": seconds (optional; then stopped as below, with "grace")}; a
+                       request too big for one message comes as a file descriptor (a memfd) holding it
+  offbuild → each worker's control pipe (a line each)
+                      {"op": "env", "generation": G, "env": {...}}: the base environment, sent before
+                       the first request that needs it
                       {"op": "stop", "id": N, "grace": seconds}: SIGTERM to the recipe's process group,
                        SIGKILL after the grace if the recipe has not ended, and at once to whatever it
                        leaves behind in its group when it does; a recipe still waiting for a slot is
-                       dropped
-                      {"op": "withdraw"}: drop every recipe still waiting for a slot (and hold
-                       none back from then on)
+                       dropped (offbuild takes one still in the queue out itself)
+                      {"op": "withdraw"}: drop every recipe waiting for a slot (offbuild empties the
+                       queue itself), and hold none back from then on
                       {"op": "resume"}: start waiting recipes again after a failure
   spawner → offbuild  {"op": "exit", "id": N, "code": C, "logged": whether it printed anything,
                        "seconds": how long it ran, "timed_out": bool}
@@ -42,10 +57,12 @@ Protocol (one JSON object per line):
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import fcntl
 import json
 import math
+import mmap
 import os
 import select
 import signal
@@ -59,6 +76,9 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 _LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+_PR_SET_PDEATHSIG = 1
+# Writes to a pipe up to this size are atomic: the workers' report lines never interleave.
+_ATOMIC_WRITE = select.PIPE_BUF
 # Python ignores SIGPIPE and this process ignores SIGINT; a recipe starts with neither ignored
 # (`yes | head` must end), as subprocess's restore_signals would do.
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGXFSZ)
@@ -137,19 +157,35 @@ class _Slots:
         os.write(self.write_fd, b"+")
 
 
-class _Server:
-    def __init__(self, slots: _Slots | None = None):
+class _Ended(Exception):
+    """This worker must end: offbuild is gone (its control pipe closed or stdout broke), or a sibling
+    worker died, or SIGTERM came."""
+
+
+class _Worker:
+    """One worker's loop (see the module's docstring): takes requests from the shared queue while it
+    has room, starts them as slots allow, copies their output, reports their ends."""
+
+    def __init__(self, control: int, queue: socket.socket, slots: _Slots | None, held: mmap.mmap,
+                 capacity: float, siblings: frozenset[int] = frozenset()):
+        self.control = control
+        self.queue = queue
         self.slots = slots
-        self.waiting: deque[dict] = deque()  # spawn requests waiting for a slot, in order
-        self.held = False  # a recipe failed: the waiting ones wait for offbuild's word
+        self.held = held  # byte 0 set: a recipe failed, every worker's waiting one waits for offbuild's word
+        self.capacity = capacity  # recipes this worker may run at once (the slots cap them all together)
+        self.siblings = set(siblings)  # the other workers' pids, in the first worker (their parent)
+        self.waiting: deque[dict] = deque()  # requests taken from the queue, waiting for a slot, in order
         self.children: dict[int, _Child] = {}  # pid → the running recipe
         self.pids: dict[int, int] = {}  # request id → pid, while the recipe runs
         self.stopping: dict[int, float] = {}  # pid → when it gets SIGKILL (inf: it has had it)
         self.outputs: dict[int, _Output] = {}  # by pipe, until the pipe's end
         self.poller = select.poll()
-        self.outbox: list[str] = []  # messages for offbuild, sent together once per wake-up
+        self.outbox: list[bytes] = []  # report lines for offbuild, written together once per wake-up
         self.cwd = os.getcwd()
         self.env: dict[str, str] = {}
+        self.generation = 0  # of `env`
+        self.control_pending = b""
+        self.terminated = False
         self._programs: dict[tuple[str, str], str] = {}
 
     def program(self, name: str, env: dict[str, str]) -> str:
@@ -169,35 +205,71 @@ class _Server:
         return found
 
     def send(self, message: dict) -> None:
-        self.outbox.append(json.dumps(message))
+        self.outbox.append(json.dumps(message).encode() + b"\n")
 
     def flush(self) -> None:
-        if self.outbox:
-            sys.stdout.write("\n".join(self.outbox) + "\n")
-            sys.stdout.flush()
-            self.outbox.clear()
+        """Write the reports, whole lines only in each write, so other workers' lines never land
+        inside one of them."""
+        chunk = b""
+        for line in self.outbox:
+            if len(chunk) + len(line) > _ATOMIC_WRITE and chunk:
+                write_all(1, chunk)
+                chunk = b""
+            chunk += line
+        if chunk:
+            write_all(1, chunk)
+        self.outbox.clear()
+
+    @property
+    def is_held(self) -> bool:
+        return self.held[0] != 0
+
+    def hold(self) -> None:
+        self.held[0] = 1
+
+    def read_control(self) -> None:
+        """Handle what offbuild has written to this worker's control pipe."""
+        chunk = os.read(self.control, 65536)
+        if not chunk:
+            raise _Ended
+        *lines, self.control_pending = (self.control_pending + chunk).split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.handle(json.loads(line))
 
     def handle(self, request: dict) -> None:
-        if request["op"] == "spawn":
-            if "env" in request:  # the base environment from now on, for this request and later ones
-                self.env = request["env"]
-            request["env"] = self.env
-            self.waiting.append(request)
+        if request["op"] == "env":
+            self.env, self.generation = request["env"], request["generation"]
         elif request["op"] == "stop":
             self.stop(request["id"], request["grace"])
         elif request["op"] == "withdraw":  # the build stops: whatever comes next is a new one's
             while self.waiting:
                 self.send({"op": "dropped", "id": self.waiting.popleft()["id"]})
-            self.held = False
+            self.held[0] = 0
         elif request["op"] == "resume":
-            self.held = False
+            self.held[0] = 0
+
+    def has_room(self) -> bool:
+        return not self.waiting and len(self.children) < self.capacity and not self.is_held
+
+    def take_request(self) -> None:
+        """One request from the shared queue, if another worker has not taken it first."""
+        data = receive_request(self.queue)
+        if data is None:
+            return
+        request = json.loads(data)
+        while self.generation < request["generation"]:  # offbuild sent it first: it is in the pipe
+            self.read_control()
+        request["env"] = self.env
+        self.waiting.append(request)
 
     def start_waiting(self) -> None:
         """Start waiting recipes while there are free slots."""
-        while self.waiting and not self.held and (self.slots is None or self.slots.take()):
+        while (self.waiting and not self.is_held and len(self.children) < self.capacity
+               and (self.slots is None or self.slots.take())):
             if not self.spawn(self.waiting.popleft()) and self.slots is not None:
                 self.slots.give_back()
-                self.held = True
+                self.hold()
 
     def spawn(self, request: dict) -> bool:
         """Start one recipe; False when it could not start (said to offbuild as an error)."""
@@ -206,7 +278,7 @@ class _Server:
                 os.chdir(request["cwd"])
                 self.cwd = request["cwd"]
         except OSError as error:
-            self.send({"op": "error", "id": request["id"], "code": 127, "message": str(error)})
+            self.send({"op": "error", "id": request["id"], "code": 127, "message": str(error)[:1000]})
             return False
         # Both ends are close-on-exec (PEP 446, like every descriptor of this process): a recipe gets
         # the write end only as its stdout and stderr, so another recipe never holds it open.
@@ -222,8 +294,9 @@ class _Server:
         except OSError as error:  # what a shell would say, with its exit codes
             os.close(output)
             found = not isinstance(error, FileNotFoundError)
+            message = f"{request['argv'][0]}: {error.strerror.lower() if found else 'command not found'}"
             self.send({"op": "error", "id": request["id"], "code": 126 if found else 127,
-                       "message": f"{request['argv'][0]}: {error.strerror.lower() if found else 'command not found'}"})
+                       "message": message[:1000]})  # a report line stays one atomic write
             return False
         finally:
             os.close(output_writer)
@@ -242,7 +315,7 @@ class _Server:
                     self.waiting.remove(request)
                     self.send({"op": "dropped", "id": request_id})
                     break
-            return
+            return  # else another worker's, or over
         if pid not in self.stopping:  # else it is being stopped already
             _signal_group(pid, signal.SIGTERM)
             self.stopping[pid] = time.monotonic() + grace
@@ -291,20 +364,24 @@ class _Server:
             os.write(output.log, data)
 
     def reap(self) -> None:
-        while self.children:
+        while self.children or self.siblings:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if pid in self.siblings:  # a worker died: what it ran will never be reported
+                self.siblings.discard(pid)
+                raise _Ended
             child = self.children.pop(pid, None)
             if child is None:
                 continue
             seconds = time.monotonic() - child.started
             if self.slots is not None:
                 self.slots.give_back()
-                self.held = self.held or status != 0
+                if status != 0:
+                    self.hold()
             del self.pids[child.request_id]
             if self.stopping.pop(pid, None) is not None:
                 _signal_group(pid, signal.SIGKILL)  # what a stopped recipe left behind goes with it
@@ -314,53 +391,92 @@ class _Server:
                        "logged": child.output.logged, "seconds": seconds, "timed_out": child.timed_out})
 
     def kill_all(self) -> None:
-        """offbuild is gone: nobody will record these recipes, so stop them at once."""
+        """offbuild is gone, or the spawner ends: nobody will record these recipes, so stop them at once."""
         for pid in self.children:
             _signal_group(pid, signal.SIGKILL)
 
     def serve(self) -> None:
+        """Run until offbuild goes or this worker must end; then kill what it still runs."""
+        try:
+            self._serve()
+        except (_Ended, BrokenPipeError):
+            pass
+        self.kill_all()
+
+    def _serve(self) -> None:
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_write, False)
         os.set_blocking(wake_read, False)
         signal.set_wakeup_fd(wake_write)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        stdin = sys.stdin.buffer.fileno()
-        self.poller.register(stdin, select.POLLIN)
+        signal.signal(signal.SIGTERM, self._terminate)
+        self.poller.register(self.control, select.POLLIN)
         self.poller.register(wake_read, select.POLLIN)
+        queue = self.queue.fileno()
+        self.poller.register(queue, select.POLLIN)
         if self.slots is not None:
-            self.poller.register(self.slots.read_fd, select.POLLIN)
-        pending = b""
+            self.poller.register(self.slots.read_fd, 0)
         timeout = None
-        while True:
+        while not self.terminated:
             try:
                 events = self.poller.poll(timeout)
             except InterruptedError:
                 continue
+            ready = set()
             for fd, _ in events:
                 if fd == wake_read:
                     try:
                         os.read(wake_read, 4096)
                     except BlockingIOError:
                         pass
-                elif fd == stdin:
-                    chunk = os.read(stdin, 65536)
-                    if not chunk:
-                        self.kill_all()
-                        return
-                    pending += chunk
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        if line.strip():
-                            self.handle(json.loads(line))
                 elif fd in self.outputs:
                     self.copy_output(self.outputs[fd])
-            self.reap()  # first: the slots it frees go to the waiting recipes at once
+                else:
+                    ready.add(fd)
+            if self.control in ready:  # first: a stop or a new environment applies to what follows
+                self.read_control()
+            self.reap()  # then: the slots it frees go to the waiting recipes at once
+            if queue in ready and self.has_room():
+                self.take_request()
             self.start_waiting()
-            # Only while recipes wait does a free slot (the pipe readable) need waking up for.
+            # Wake for the queue only with room for a request, and for a free slot (the pipe
+            # readable) only while one waits: otherwise every worker would wake for each.
+            self.poller.modify(queue, select.POLLIN if self.has_room() else 0)
             if self.slots is not None:
-                self.poller.modify(self.slots.read_fd, select.POLLIN if self.waiting else 0)
+                self.poller.modify(self.slots.read_fd,
+                                   select.POLLIN if self.waiting and not self.is_held else 0)
             timeout = self.watch_clocks()
             self.flush()
+
+    def _terminate(self, *_) -> None:
+        self.terminated = True
+
+
+def receive_request(queue: socket.socket) -> bytes | None:
+    """One request from the queue, without waiting: as sent (whether as the message itself or in
+    the memfd it carried, closed here); None when the queue is empty. (Python 3.11's
+    `socket.recv_fds` ignores its flags, so it would wait.)"""
+    fds = array.array("i")
+    try:
+        data, ancillary, _, _ = queue.recvmsg(65536, socket.CMSG_LEN(fds.itemsize),
+                                              socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+    except BlockingIOError:
+        return None
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    if not fds:
+        return data or None
+    for extra in fds[1:]:
+        os.close(extra)
+    with os.fdopen(fds[0], "rb") as holder:
+        return holder.read()
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data`, however many writes it takes."""
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -370,23 +486,65 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def _option(name: str) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
+
+def _own(fd: int) -> int:
+    os.set_inheritable(fd, False)  # this process's own: no recipe may hold it
+    return fd
+
+
+def _become_sibling() -> None:
+    """In a worker forked by the first: end with the first (the spawner's process for offbuild)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # offbuild decides what Ctrl-C stops
     reason = isolate_network() if "--isolate" in sys.argv else "not requested"
     slots = None
     if "--slots" in sys.argv:
-        read_fd, write_fd = map(int, sys.argv[sys.argv.index("--slots") + 1].split(","))
+        read_fd, write_fd = map(int, _option("--slots").split(","))
         slots = _Slots(read_fd, write_fd)
-    server = _Server(slots)
+    controls = [_own(int(fd)) for fd in _option("--control").split(",")]
+    queue = socket.socket(fileno=_own(int(_option("--queue"))))
+    capacity = float(_option("--capacity") or "inf")
+    held = mmap.mmap(-1, 1)  # shared with the workers forked below
+    write_all(1, json.dumps({"op": "ready", "isolated": not reason, "reason": reason}).encode() + b"\n")
+    first = os.getpid()
+    siblings = []
+    for control in controls[1:]:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _become_sibling()
+                if os.getppid() == first:  # else the first died before it could say
+                    _Worker(control, queue, slots, held, capacity).serve()
+            finally:
+                os._exit(0)
+        siblings.append(pid)
     try:
-        server.send({"op": "ready", "isolated": not reason, "reason": reason})
-        server.flush()
-        server.serve()
-    except (BrokenPipeError, KeyboardInterrupt):
-        server.kill_all()
+        _Worker(controls[0], queue, slots, held, capacity, frozenset(siblings)).serve()
+    finally:
+        for pid in siblings:  # they end with offbuild's control pipes too: this is for a worker's death
+            _terminate(pid)
+        for pid in siblings:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
     # Nothing is left to flush or clean up: skip the interpreter's shutdown, which offbuild would
     # otherwise wait for at the end of every build.
     os._exit(0)
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
 if __name__ == "__main__":
