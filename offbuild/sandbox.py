@@ -101,8 +101,8 @@ class Spawner:
     # A request bigger than this goes as a memfd: a socket message may not outgrow the send buffer.
     LARGEST_MESSAGE = 32768
 
-    def __init__(self, isolate: bool, slots: JobSlots | None = None):
-        workers = _worker_count(slots)
+    def __init__(self, isolate: bool, slots: JobSlots | None = None, workers: int | None = None):
+        workers = workers or _worker_count(slots)
         # Requests go straight to the workers through one queue; offbuild keeps its receiving end
         # as well, to take back what no worker has taken yet (withdraw, stop).
         self._queue, self._queue_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -182,8 +182,9 @@ class _Worker:
         self.poller = select.poll()
         self.outbox: list[bytes] = []  # report lines for offbuild, written together once per wake-up
         self.cwd = os.getcwd()
-        self.env: dict[str, str] = {}
-        self.generation = 0  # of `env`
+        # The base environments by generation: later ones may come before the requests that still
+        # need an earlier one, which go first (the queue keeps the order offbuild sent them in).
+        self.envs: dict[int, dict[str, str]] = {0: {}}
         self.control_pending = b""
         self.terminated = False
         self._programs: dict[tuple[str, str], str] = {}
@@ -239,7 +240,7 @@ class _Worker:
 
     def handle(self, request: dict) -> None:
         if request["op"] == "env":
-            self.env, self.generation = request["env"], request["generation"]
+            self.envs[request["generation"]] = request["env"]
         elif request["op"] == "stop":
             self.stop(request["id"], request["grace"])
         elif request["op"] == "withdraw":  # the build stops: whatever comes next is a new one's
@@ -258,9 +259,12 @@ class _Worker:
         if data is None:
             return
         request = json.loads(data)
-        while self.generation < request["generation"]:  # offbuild sent it first: it is in the pipe
+        generation = request["generation"]
+        while generation not in self.envs:  # offbuild sent it first: it is in the pipe
             self.read_control()
-        request["env"] = self.env
+        request["env"] = self.envs[generation]
+        for older in [number for number in self.envs if number < generation]:  # no request needs it
+            del self.envs[older]
         self.waiting.append(request)
 
     def start_waiting(self) -> None:
@@ -512,7 +516,6 @@ def main() -> None:
     queue = socket.socket(fileno=_own(int(_option("--queue"))))
     capacity = float(_option("--capacity") or "inf")
     held = mmap.mmap(-1, 1)  # shared with the workers forked below
-    write_all(1, json.dumps({"op": "ready", "isolated": not reason, "reason": reason}).encode() + b"\n")
     first = os.getpid()
     siblings = []
     for control in controls[1:]:
@@ -525,6 +528,7 @@ def main() -> None:
             finally:
                 os._exit(0)
         siblings.append(pid)
+    write_all(1, json.dumps({"op": "ready", "isolated": not reason, "reason": reason}).encode() + b"\n")
     try:
         _Worker(controls[0], queue, slots, held, capacity, frozenset(siblings)).serve()
     finally:
