@@ -250,9 +250,12 @@ class Spawner:
                 process._dropped()
             else:  # "error": it could not start
                 process._exited(message["code"], message["message"])
-        # The workers are gone: close offbuild's end of the queue first, so a `start` blocked on a
-        # full queue (under the lock) fails instead of waiting for ever.
-        self._queue_end.close()
+        # The workers are gone: shut the queue first, so a `start` blocked on a full queue (under
+        # the lock) fails instead of waiting for ever.
+        try:
+            self._queue_end.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         with self._lock:  # the spawner died: nothing it started will report again
             self._alive = False
             orphans, self._running = list(self._running.values()), {}
@@ -260,14 +263,14 @@ class Spawner:
             process._exited(255, "the recipe spawner has exited")
 
     def close(self) -> None:
-        for control in self._controls:  # each worker kills what it still runs, and ends
-            try:
+        with self._lock:  # no other thread may write to a descriptor number once it is closed
+            controls, self._controls = self._controls, []
+            for control in controls:  # each worker kills what it still runs, and ends
                 os.close(control)
-            except OSError:
-                pass
-        self._controls = []
         self.process.wait()
+        self._reader.join()
         self._queue.close()
+        self._queue_end.close()
 
 
 def _worker_count(slots: JobSlots | None) -> int:

@@ -250,8 +250,11 @@ class _Worker:
         elif request["op"] == "resume":
             self.held[0] = 0
 
-    def has_room(self) -> bool:
-        return not self.waiting and len(self.children) < self.capacity and not self.is_held
+    def takes_requests(self) -> bool:
+        """Whether to take a request from the queue: with room for it; and while a failure holds
+        every worker, all there are, to be started or dropped by offbuild's word. Else offbuild,
+        blocked on a full queue, could never send that word."""
+        return self.is_held or (not self.waiting and len(self.children) < self.capacity)
 
     def take_request(self) -> None:
         """One request from the shared queue, if another worker has not taken it first."""
@@ -440,12 +443,12 @@ class _Worker:
             if self.control in ready:  # first: a stop or a new environment applies to what follows
                 self.read_control()
             self.reap()  # then: the slots it frees go to the waiting recipes at once
-            if queue in ready and self.has_room():
+            if queue in ready and self.takes_requests():
                 self.take_request()
             self.start_waiting()
-            # Wake for the queue only with room for a request, and for a free slot (the pipe
-            # readable) only while one waits: otherwise every worker would wake for each.
-            self.poller.modify(queue, select.POLLIN if self.has_room() else 0)
+            # Wake for the queue only to take a request, and for a free slot (the pipe readable)
+            # only while one waits: otherwise every worker would wake for each.
+            self.poller.modify(queue, select.POLLIN if self.takes_requests() else 0)
             if self.slots is not None:
                 self.poller.modify(self.slots.read_fd,
                                    select.POLLIN if self.waiting and not self.is_held else 0)

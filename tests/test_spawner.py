@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -179,3 +180,27 @@ def test_when_a_worker_dies_the_spawner_ends_and_every_request_reports(tmp_path,
                 pass
         spawner.close()
     assert not (tmp_path / "q").exists()
+
+
+def test_a_full_queue_never_blocks_offbuild_while_a_failure_holds_the_workers(tmp_path, slots):
+    # While a failure holds them, the workers take every request (to start or drop at offbuild's
+    # word); else offbuild, blocked sending to a full queue, could never send that word.
+    spawner = Spawner(isolate=False, slots=slots, workers=2)
+    padding = "x" * (Spawner.LARGEST_MESSAGE - 1000)  # the biggest that still goes as a message
+    sent = []
+    try:
+        assert start(spawner, tmp_path, "f", "exit 1").wait(timeout=10) == 1
+        sender = threading.Thread(target=lambda: sent.extend(
+            start(spawner, tmp_path, f"q{k}", f"touch q{k} # {padding}") for k in range(400)), daemon=True)
+        sender.start()  # 400 x 31 KB: more than any socket buffer holds
+        sender.join(timeout=30)
+        blocked = sender.is_alive()
+        if blocked:  # end the spawner, so the blocked send fails and the test can end
+            os.killpg(spawner.process.pid, signal.SIGKILL)
+            sender.join()
+        assert not blocked
+        spawner.withdraw()
+        assert [process.wait(timeout=10) for process in sent] == [-1] * 400
+    finally:
+        spawner.close()
+    assert not list(tmp_path.glob("q*"))
