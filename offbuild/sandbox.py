@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import traceback
 from collections.abc import Callable
@@ -98,14 +99,17 @@ class Spawner:
     With `slots`, it runs no more recipes at once than the slots allow, and holds the others until
     one frees; without, it starts each recipe as soon as it is asked."""
 
-    # A request bigger than this goes as a memfd: a socket message may not outgrow the send buffer.
-    LARGEST_MESSAGE = 32768
+    # The queue keeps each request one message: SOCK_SEQPACKET on Linux; elsewhere (macOS has no
+    # SOCK_SEQPACKET for Unix sockets) a datagram socket, whose messages must be small. A request
+    # bigger than LARGEST_MESSAGE goes as a file descriptor holding it.
+    QUEUE_KIND, LARGEST_MESSAGE = ((socket.SOCK_SEQPACKET, 32768) if sys.platform.startswith("linux")
+                                   else (socket.SOCK_DGRAM, 1024))
 
     def __init__(self, isolate: bool, slots: JobSlots | None = None, workers: int | None = None):
         workers = workers or _worker_count(slots)
         # Requests go straight to the workers through one queue; offbuild keeps its receiving end
         # as well, to take back what no worker has taken yet (withdraw, stop).
-        self._queue, self._queue_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._queue, self._queue_end = socket.socketpair(socket.AF_UNIX, self.QUEUE_KIND)
         self._queue.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)  # the system caps it
         controls = [os.pipe() for _ in range(workers)]
         self._controls = [write_fd for _, write_fd in controls]
@@ -214,7 +218,7 @@ class Spawner:
             if len(data) <= self.LARGEST_MESSAGE:
                 self._queue.send(data)
                 return
-            holder = os.memfd_create("offbuild-request", os.MFD_CLOEXEC)
+            holder = _request_holder()
             try:
                 write_all(holder, data)
                 os.lseek(holder, 0, os.SEEK_SET)
@@ -271,6 +275,14 @@ class Spawner:
         self._reader.join()
         self._queue.close()
         self._queue_end.close()
+
+
+def _request_holder() -> int:
+    """A descriptor of a new, nameless file to pass a big request in: a memfd where there is one."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("offbuild-request", os.MFD_CLOEXEC)
+    with tempfile.TemporaryFile() as handle:
+        return os.dup(handle.fileno())
 
 
 def _worker_count(slots: JobSlots | None) -> int:

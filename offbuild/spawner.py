@@ -8,9 +8,10 @@ see sandbox.Spawner), each an independent loop that starts and watches its own r
 end wakes the worker that started it, and the kernel runs that worker on the core the recipe has
 just freed; a single process woken by every recipe was often queued behind a recipe on the other
 core while the freed one idled (measured: 10-14% idle cores at -j2, against 4% for ninja).
-All workers take recipes from one queue (`--queue`, a SOCK_SEQPACKET socket: one whole request per
-message), a worker only while it has room (`--capacity` recipes); each has its own control pipe
-from offbuild, and all write their reports to the one stdout, a line per write (atomic in a pipe).
+All workers take recipes from one queue (`--queue`, a SOCK_SEQPACKET socket, or a datagram one where
+there is none: one whole request per message), a worker only while it has room (`--capacity`
+recipes); each has its own control pipe from offbuild, and all write their reports to the one
+stdout, a line per write (atomic in a pipe).
 A worker that dies ends the spawner: the first worker, parent of the others, stops them all, and
 they stop when it dies (PR_SET_PDEATHSIG). When offbuild dies the control pipes close and each
 worker kills every recipe it started: no recipe outlives a crashed build.
@@ -465,8 +466,7 @@ def receive_request(queue: socket.socket) -> bytes | None:
     `socket.recv_fds` ignores its flags, so it would wait.)"""
     fds = array.array("i")
     try:
-        data, ancillary, _, _ = queue.recvmsg(65536, socket.CMSG_LEN(fds.itemsize),
-                                              socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        data, ancillary, _, _ = queue.recvmsg(65536, socket.CMSG_LEN(fds.itemsize), socket.MSG_DONTWAIT)
     except BlockingIOError:
         return None
     for level, kind, payload in ancillary:
@@ -476,6 +476,7 @@ def receive_request(queue: socket.socket) -> bytes | None:
         return data or None
     for extra in fds[1:]:
         os.close(extra)
+    os.set_inheritable(fds[0], False)  # no recipe may get it (MSG_CMSG_CLOEXEC is Linux's alone)
     with os.fdopen(fds[0], "rb") as holder:
         return holder.read()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -88,8 +89,8 @@ def test_resume_lets_the_held_recipes_start(tmp_path, slots):
         spawner.close()
 
 
-def test_stopping_a_queued_request_drops_it_and_keeps_the_others_in_order(tmp_path, slots):
-    spawner = Spawner(isolate=False, slots=slots, workers=2)
+def test_stopping_a_queued_request_drops_it_and_keeps_the_others_in_order(tmp_path, slots, kind):
+    spawner = kind(isolate=False, slots=slots, workers=2)
     try:
         # One slot frees long before the other: the queued ones then run one after the other there.
         busy = [start(spawner, tmp_path, f"busy{k}", f"sleep {seconds}") for k, seconds in enumerate((0.3, 1.5))]
@@ -115,9 +116,23 @@ def test_stopping_a_running_recipe_reaches_the_worker_that_runs_it(tmp_path, slo
         spawner.close()
 
 
-def test_a_request_too_big_for_one_message_still_arrives_whole(tmp_path, slots):
-    spawner = Spawner(isolate=False, slots=slots, workers=2)
-    argument = "x" * (3 * Spawner.LARGEST_MESSAGE)  # one argument may not pass 128 KiB
+class DatagramSpawner(Spawner):
+    """The queue as on systems without SOCK_SEQPACKET (macOS), where messages must be small."""
+
+    QUEUE_KIND, LARGEST_MESSAGE = socket.SOCK_DGRAM, 1024
+
+
+@pytest.fixture(params=["seqpacket", "datagram"])
+def kind(request, monkeypatch):
+    if request.param == "seqpacket":
+        return Spawner
+    monkeypatch.delattr(os, "memfd_create")  # big requests then go in a temporary file, as there
+    return DatagramSpawner
+
+
+def test_a_request_too_big_for_one_message_still_arrives_whole(tmp_path, slots, kind):
+    spawner = kind(isolate=False, slots=slots, workers=2)
+    argument = "x" * 98304  # three times the largest message (one argument may not pass 128 KiB)
     try:
         process = spawner.start(["sh", "-c", 'printf %s "$1" | wc -c', "sh", argument], str(tmp_path),
                                 dict(os.environ), str(tmp_path / "big.log"))
@@ -127,8 +142,8 @@ def test_a_request_too_big_for_one_message_still_arrives_whole(tmp_path, slots):
     assert int((tmp_path / "big.log").read_text()) == len(argument)
 
 
-def test_every_worker_gets_each_new_environment(tmp_path, slots):
-    spawner = Spawner(isolate=False, slots=slots, workers=2)
+def test_every_worker_gets_each_new_environment(tmp_path, slots, kind):
+    spawner = kind(isolate=False, slots=slots, workers=2)
     envs = [{"PATH": os.environ["PATH"], "A": str(k)} for k in range(12)]
     try:
         processes = [spawner.start(["sh", "-c", "echo $A"], str(tmp_path), env, str(tmp_path / f"{k}.log"))
