@@ -533,12 +533,15 @@ def main() -> None:
                 os._exit(0)
         siblings.append(pid)
     write_all(1, json.dumps({"op": "ready", "isolated": not reason, "reason": reason}).encode() + b"\n")
+    worker = _Worker(controls[0], queue, slots, held, capacity, frozenset(siblings))
     try:
-        _Worker(controls[0], queue, slots, held, capacity, frozenset(siblings)).serve()
+        worker.serve()
     finally:
-        for pid in siblings:  # they end with offbuild's control pipes too: this is for a worker's death
+        # They end with offbuild's control pipes too: this is for a worker's death or a SIGTERM.
+        # Only those not reaped yet: a reaped one's pid may be another process's by now.
+        for pid in worker.siblings:
             _terminate(pid)
-        for pid in siblings:
+        for pid in worker.siblings:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:

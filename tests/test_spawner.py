@@ -21,6 +21,9 @@ def slots():
     slots.close()
 
 
+UNTIL_B_STARTS = "while [ ! -e b.started ]; do sleep 0.01; done"
+
+
 def start(spawner: Spawner, folder: Path, name: str, script: str, **options):
     return spawner.start(["sh", "-c", script], str(folder), dict(os.environ), str(folder / f"{name}.log"),
                          **options)
@@ -56,8 +59,9 @@ def test_two_workers_run_two_recipes_at_once_and_no_more(tmp_path, slots):
 def test_a_failure_holds_every_workers_next_recipe_until_withdrawn(tmp_path, slots):
     spawner = Spawner(isolate=False, slots=slots, workers=2)
     try:
-        failing = start(spawner, tmp_path, "a", "exit 3")
-        slow = start(spawner, tmp_path, "b", "sleep 0.5")
+        # It fails once the other worker runs the slow one: both workers are then busy.
+        failing = start(spawner, tmp_path, "a", f"{UNTIL_B_STARTS}; exit 3")
+        slow = start(spawner, tmp_path, "b", "touch b.started; sleep 0.5")
         queued = [start(spawner, tmp_path, name, f"touch {name}") for name in ("c", "d")]
         assert failing.wait(timeout=10) == 3
         assert slow.wait(timeout=10) == 0
@@ -76,8 +80,8 @@ def test_a_failure_holds_every_workers_next_recipe_until_withdrawn(tmp_path, slo
 def test_resume_lets_the_held_recipes_start(tmp_path, slots):
     spawner = Spawner(isolate=False, slots=slots, workers=2)
     try:
-        failing = start(spawner, tmp_path, "a", "exit 1")
-        slow = start(spawner, tmp_path, "b", "sleep 0.4")
+        failing = start(spawner, tmp_path, "a", f"{UNTIL_B_STARTS}; exit 1")
+        slow = start(spawner, tmp_path, "b", "touch b.started; sleep 0.4")
         queued = [start(spawner, tmp_path, name, f"touch {name}") for name in ("c", "d", "e")]
         assert failing.wait(timeout=10) == 1
         assert slow.wait(timeout=10) == 0
