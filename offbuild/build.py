@@ -96,6 +96,7 @@ class Builder:
         self.result = BuildResult("ok", {name: Outcome(name, "blocked") for name in order})
         self.resumed: set[str] = set()
         self.locks = JobLocks(executor.state_dir)
+        self._unmade_folders: dict[str, list[str]] = {}  # outputs to look up once their folder is made
         self.cache = cache
         self._stores: dict[Future, str] = {}  # background stores → job
         self._store_broken = False
@@ -115,7 +116,7 @@ class Builder:
         # Stores have threads of their own, so uploading never holds up a recipe.
         self._store_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store") if self.cache else None
         jobs, records = self.graph.jobs, self.planner.records
-        look_up(path for name in self.order if name not in records for path in jobs[name].outputs)
+        self._unmade_folders = look_up(path for name in self.order if name not in records for path in jobs[name].outputs)
         # What is loaded by now (graph, jobs, records) lives as long as the build: the collector need
         # not walk it again and again (each walk of a 10k-job graph costs milliseconds).
         gc.freeze()
@@ -286,6 +287,8 @@ class Builder:
             parent = os.path.dirname(path)
             if parent and not os.path.isdir(parent):  # one stat, where makedirs would try mkdir and then stat
                 os.makedirs(parent, exist_ok=True)
+                # New and empty, no recipe writes there yet: looked up now, its outputs cost no lock later.
+                look_up(self._unmade_folders.pop(parent, ()))
 
     def _complete(self, name: str, decision: Decision, result: RecipeResult) -> bool:
         job = self.graph.jobs[name]
@@ -476,12 +479,23 @@ def remove_path(path: str) -> None:
         pass
 
 
-def look_up(paths) -> None:
+def look_up(paths) -> dict[str, list[str]]:
     """Have the kernel remember which of `paths` do not exist. The first lookup of a name takes its
     folder's lock; done before recipes run, it waits for none, and later ones (`remove_path`) take
-    no lock at all."""
+    no lock at all. Returns the paths whose folder does not exist yet, by folder: those are for
+    when the folder is made (the kernel remembers nothing of a name in a missing folder)."""
+    unmade: dict[str, list[str]] = {}
+    folders_there: dict[str, bool] = {}
     for path in paths:
         try:
             os.lstat(path)
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            there = folders_there.get(parent)
+            if there is None:
+                there = folders_there[parent] = not parent or os.path.isdir(parent)
+            if not there:
+                unmade.setdefault(parent, []).append(path)
         except OSError:
             pass
+    return unmade

@@ -593,6 +593,37 @@ def test_remove_path_deletes_files_trees_and_links_but_never_a_links_target(tmp_
     assert (tmp_path / "kept" / "inside.txt").read_text() == "x"
 
 
+def test_look_up_sets_aside_the_outputs_of_folders_not_made_yet(tmp_path):
+    from offbuild.build import look_up
+
+    (tmp_path / "made").mkdir()
+    (tmp_path / "made" / "there.txt").write_text("x")
+    paths = [str(tmp_path / relative) for relative in
+             ("made/there.txt", "made/missing.txt", "new/a.txt", "new/b.txt", "new/deeper/c.txt")]
+    assert look_up(paths) == {str(tmp_path / "new"): paths[2:4], str(tmp_path / "new" / "deeper"): paths[4:]}
+
+
+def test_outputs_in_folders_the_build_makes_are_still_checked_and_replaced(project):
+    # Their look-up waits until the build makes the folder: a recipe must still write its output,
+    # and a stale file there (made by another recipe) is removed before the recipe runs.
+    project.pipefile("""
+        stage first:
+            out: new/first.txt
+            run: echo first > new/first.txt && echo stray > new/second.txt
+        stage second:
+            after: first
+            out: new/second.txt
+            run: test ! -e new/second.txt && echo second > new/second.txt
+        stage lazy:
+            after: second
+            out: new/deeper/lazy.txt
+            run: true
+    """)
+    result = project.run(check=1)
+    assert "new/deeper/lazy.txt" in result.stdout
+    assert project.read("new/second.txt") == "second\n"
+
+
 def _spans(project, names):
     """(start, end) of each stage's recipe, as it wrote them."""
     spans = []
