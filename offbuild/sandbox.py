@@ -110,7 +110,13 @@ class Spawner:
         # Requests go straight to the workers through one queue; offbuild keeps its receiving end
         # as well, to take back what no worker has taken yet (withdraw, stop).
         self._queue, self._queue_end = socket.socketpair(socket.AF_UNIX, self.QUEUE_KIND)
-        self._queue.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)  # the system caps it
+        # Room for many requests (each system caps these): Linux counts a Unix socket's queue
+        # against the sender's buffer, BSDs against the receiver's.
+        for end, option, size in ((self._queue, socket.SO_SNDBUF, 1 << 22), (self._queue_end, socket.SO_RCVBUF, 1 << 20)):
+            try:
+                end.setsockopt(socket.SOL_SOCKET, option, size)
+            except OSError:  # above what the system allows (where it refuses rather than caps)
+                pass
         controls = [os.pipe() for _ in range(workers)]
         self._controls = [write_fd for _, write_fd in controls]
         options = ["--isolate"] if isolate else []
