@@ -291,12 +291,18 @@ def _request_holder() -> int:
         return os.dup(handle.fileno())
 
 
+# Each worker is a forked Python process of about 2.5 MB of its own; past a few per core's worth
+# of wake-ups, more of them would only cost memory and start-up.
+MOST_WORKERS = 16
+
+
 def _worker_count(slots: JobSlots | None) -> int:
-    """One worker per core that -j can keep busy (see spawner.py); one without slots (then recipes
-    start as they come, nothing waits) or where a worker cannot follow its parent's death."""
+    """One worker per core that -j can keep busy (see spawner.py), up to MOST_WORKERS; one without
+    slots (then recipes start as they come, nothing waits) or where a worker cannot follow its
+    parent's death."""
     if slots is None or not sys.platform.startswith("linux"):
         return 1
-    return max(1, min(slots.count, len(os.sched_getaffinity(0))))
+    return max(1, min(slots.count, len(os.sched_getaffinity(0)), MOST_WORKERS))
 
 
 def _package_parent() -> str:

@@ -223,3 +223,16 @@ def test_a_full_queue_never_blocks_offbuild_while_a_failure_holds_the_workers(tm
     finally:
         spawner.close()
     assert not list(tmp_path.glob("q*"))
+
+
+def test_one_worker_per_core_that_j_can_use_and_no_more_than_the_most(monkeypatch):
+    from offbuild import sandbox
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    counts = {}
+    for jobs in (1, 3, 100):
+        slots = JobSlots.open(jobs)
+        counts[jobs] = sandbox._worker_count(slots)
+        slots.close()
+    assert counts == {1: 1, 3: 3, 100: sandbox.MOST_WORKERS}
+    assert sandbox._worker_count(None) == 1  # no slots: every recipe starts at once, in one worker
