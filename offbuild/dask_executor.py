@@ -141,7 +141,7 @@ class DaskExecutor:
         isolate = not job.stage.network and self.offline != "off"
         argv, shell_variables = recipe_command(job.recipe, self.root)
         request = {"argv": argv, "cwd": self.root, "env": {**env, **shell_variables},
-                   "log": os.path.abspath(log), "isolate": isolate, "strict": self.offline == "strict",
+                   "log": os.path.abspath(log), "log_size": _size(log), "isolate": isolate, "strict": self.offline == "strict",
                    "timeout": job.stage.timeout, "grace": KILL_GRACE_SECONDS, "stop_event": self.stop_event.name}
         started = time.monotonic()
         if self.stopping.is_set():
@@ -224,6 +224,13 @@ class DaskExecutor:
         if warn:
             self.warn(f"offbuild: warning: recipes on Dask worker {worker} are NOT network-isolated ({reason});"
                       " --offline=strict refuses to run in that case")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # no log yet: nothing was printed
+        return 0
 
 
 def _connect(scheduler: str) -> "distributed.Client":

@@ -79,6 +79,7 @@ def run_attempt(request: dict) -> dict:
             answer["error"] = (f"--offline=strict: Dask worker {name} cannot isolate recipes from the network"
                                f" ({spawner.reason})")
             return answer
+    _cut_log(request["log"], request.get("log_size"))
     try:
         process = spawner.start(request["argv"], request["cwd"], request["env"], request["log"],
                                 extra={"OFFBUILD_WORKER": name})
@@ -97,6 +98,21 @@ def run_attempt(request: dict) -> dict:
     answer.update(exit_code=exit_code_of(process.returncode, ending == "timed out"), timed_out=ending == "timed out",
                   stopped=ending in ("stopped", "cancelled"))
     return answer
+
+
+def _cut_log(path: str, size: int | None) -> None:
+    """Back to the size offbuild saw before it sent the attempt: when Dask runs an attempt again
+    because its worker died, the dead run's partial output goes (earlier attempts' stays)."""
+    if size is None:  # an offbuild that does not say
+        return
+    try:
+        if os.path.getsize(path) > size:
+            if size:
+                os.truncate(path, size)
+            else:
+                os.unlink(path)  # a log exists only when something was printed
+    except OSError:
+        pass
 
 
 def _runner(worker) -> RecipeRunner:

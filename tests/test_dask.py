@@ -298,7 +298,7 @@ def test_a_lost_worker_means_its_job_is_retried_on_the_other(project, cluster):
     project.pipefile("""
         stage long:
             out: long.txt
-            run: echo "$$OFFBUILD_WORKER $$$$" >> ran.txt; sleep 3; echo "$$OFFBUILD_WORKER" > $out
+            run: echo "$$OFFBUILD_WORKER $$$$" >> ran.txt; echo "on $$OFFBUILD_WORKER"; sleep 3; echo "$$OFFBUILD_WORKER" > $out
         """)
     build = subprocess.Popen([sys.executable, "-m", "offbuild", *on(cluster), "--json"], cwd=project.root,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -316,6 +316,7 @@ def test_a_lost_worker_means_its_job_is_retried_on_the_other(project, cluster):
     first, second = project.read("ran.txt").splitlines()
     assert second.split()[0] == survivor and project.read("long.txt") == f"{survivor}\n"
     assert json.loads(stdout)["jobs"][0]["worker"] == survivor
+    assert project.read(".offbuild/logs/long.log") == f"on {survivor}\n"  # not the dead run's output too
     wait_for(lambda: not alive(int(pid)), timeout=5)  # the recipe died with its worker
 
 
