@@ -141,8 +141,9 @@ class DaskExecutor:
         isolate = not job.stage.network and self.offline != "off"
         argv, shell_variables = recipe_command(job.recipe, self.root)
         request = {"argv": argv, "cwd": self.root, "env": {**env, **shell_variables},
-                   "log": os.path.abspath(log), "log_size": _size(log), "isolate": isolate, "strict": self.offline == "strict",
-                   "timeout": job.stage.timeout, "grace": KILL_GRACE_SECONDS, "stop_event": self.stop_event.name}
+                   "log": os.path.abspath(log), "log_size": _size(log), "isolate": isolate,
+                   "strict": self.offline == "strict", "timeout": job.stage.timeout, "grace": KILL_GRACE_SECONDS,
+                   "stop_event": self.stop_event.name}
         started = time.monotonic()
         if self.stopping.is_set():
             return Attempt(number, INTERRUPTED_EXIT_CODE, 0.0)

@@ -17,7 +17,7 @@ import time
 from distributed import Event, WorkerPlugin, get_worker
 from distributed.worker import thread_state
 
-from .executor import KILL_GRACE_SECONDS, append_to_log, exit_code_of, timeout_note
+from .executor import KILL_GRACE_SECONDS, append_to_log, discard_log, exit_code_of, timeout_note
 from .sandbox import Spawner, SpawnerGone
 
 PLUGIN_NAME = "offbuild-recipes"
@@ -110,7 +110,7 @@ def _cut_log(path: str, size: int | None) -> None:
             if size:
                 os.truncate(path, size)
             else:
-                os.unlink(path)  # a log exists only when something was printed
+                discard_log(path)  # a log exists only when something was printed
     except OSError:
         pass
 

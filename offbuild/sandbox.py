@@ -112,7 +112,8 @@ class Spawner:
         self._queue, self._queue_end = socket.socketpair(socket.AF_UNIX, self.QUEUE_KIND)
         # Room for many requests (each system caps these): Linux counts a Unix socket's queue
         # against the sender's buffer, BSDs against the receiver's.
-        for end, option, size in ((self._queue, socket.SO_SNDBUF, 1 << 22), (self._queue_end, socket.SO_RCVBUF, 1 << 20)):
+        for end, option, size in ((self._queue, socket.SO_SNDBUF, 1 << 22),
+                                  (self._queue_end, socket.SO_RCVBUF, 1 << 20)):
             try:
                 end.setsockopt(socket.SOL_SOCKET, option, size)
             except OSError:  # above what the system allows (where it refuses rather than caps)

@@ -229,6 +229,9 @@ class _Worker:
     def hold(self) -> None:
         self.held[0] = 1
 
+    def release(self) -> None:
+        self.held[0] = 0
+
     def read_control(self) -> None:
         """Handle what offbuild has written to this worker's control pipe."""
         chunk = os.read(self.control, 65536)
@@ -247,9 +250,9 @@ class _Worker:
         elif request["op"] == "withdraw":  # the build stops: whatever comes next is a new one's
             while self.waiting:
                 self.send({"op": "dropped", "id": self.waiting.popleft()["id"]})
-            self.held[0] = 0
+            self.release()
         elif request["op"] == "resume":
-            self.held[0] = 0
+            self.release()
 
     def takes_requests(self) -> bool:
         """Whether to take a request from the queue: with room for it; and while a failure holds
